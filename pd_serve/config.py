@@ -1,0 +1,101 @@
+"""Frozen configuration dataclasses, one per role, and the CLI flags that build them.
+
+Configs are validated in `__post_init__` and never mutated afterwards; derived values are
+properties. Errors name the offending field and the flag that sets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and its flag."""
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        flag = "--" + field.replace("_", "-")
+        raise ConfigError(f"{field} ({flag}): {message}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What one engine needs: model, device, KV cache size and scheduling limits."""
+
+    model: str = "demo"
+    dtype: str = "auto"  # auto: the checkpoint's torch_dtype on cuda, float32 on cpu
+    device: str = "cpu"
+    seed: int = 0
+    page_size: int = 16
+    max_total_tokens: int | None = None  # KV capacity in tokens; None: derived from kv_cache_memory
+    kv_cache_memory: int = 256 * 1024 * 1024  # bytes for all K and V pools when max_total_tokens is None
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 2048  # per-step token budget
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto | torch | triton
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in _DTYPES, "dtype", f"{self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        _require(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"{self.device!r} is not 'cpu', 'cuda' or 'cuda:N'",
+        )
+        _require(1 <= self.page_size <= 1024, "page_size", f"{self.page_size} is outside 1..1024")
+        if self.max_total_tokens is not None:
+            _require(
+                self.max_total_tokens >= self.page_size,
+                "max_total_tokens",
+                f"{self.max_total_tokens} is less than one page ({self.page_size} tokens)",
+            )
+        _require(self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
+        if self.max_model_len is not None:
+            _require(self.max_model_len >= 1, "max_model_len", "must be at least 1")
+        _require(self.max_running_requests >= 1, "max_running_requests", "must be at least 1")
+        _require(self.chunked_prefill_size >= 1, "chunked_prefill_size", "must be at least 1")
+        _require(
+            self.attention_backend in ("auto", "torch", "triton"),
+            "attention_backend",
+            f"{self.attention_backend!r} is not one of auto, torch, triton",
+        )
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return EngineConfig(**values)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every role that runs an engine."""
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=d.model, help="Hugging Face model directory, or 'demo'")
+    g.add_argument("--dtype", default=d.dtype, choices=_DTYPES)
+    g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page")
+    g.add_argument("--max-total-tokens", type=int, default=None, help="KV cache capacity in tokens")
+    g.add_argument(
+        "--kv-cache-memory", type=int, default=d.kv_cache_memory, help="bytes for the KV cache"
+    )
+    g.add_argument("--max-model-len", type=int, default=None, help="context length limit")
+    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
+    g.add_argument(
+        "--chunked-prefill-size", type=int, default=d.chunked_prefill_size, help="tokens per step"
+    )
+    g.add_argument(
+        "--disable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=True
+    )
+    g.add_argument("--attention-backend", default=d.attention_backend, choices=("auto", "torch", "triton"))
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in fields(EngineConfig)}
+    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
