@@ -103,7 +103,7 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "config.json") -> 
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=float(_rope_params(raw).get("rope_theta", raw.get("rope_theta", 10000.0))),
         rope_scaling=_rope_scaling(raw, source),
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -123,11 +123,16 @@ def _get(raw: dict[str, Any], key: str, source: str) -> Any:
     return raw[key]
 
 
+def _rope_params(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rope settings: `rope_parameters` (transformers >= 5) or the older `rope_scaling`."""
+    return raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+
+
 def _rope_scaling(raw: dict[str, Any], source: str) -> RopeScaling | None:
-    rs = raw.get("rope_scaling")
+    rs = _rope_params(raw)
     if not rs:
         return None
-    kind = rs.get("rope_type") or rs.get("type")
+    kind = rs.get("rope_type") or rs.get("type") or "default"
     if kind == "default":
         return None
     if kind != "llama3":

@@ -103,15 +103,15 @@ def _build_demo(out: Path) -> None:
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
+    # The trained vocabulary is smaller than the target on this corpus; the model matches it exactly.
     config = LlamaConfig(
-        **DEMO_CONFIG,
+        **{**DEMO_CONFIG, "vocab_size": len(fast)},
         bos_token_id=fast.convert_tokens_to_ids("<|bos|>"),
         eos_token_id=[fast.convert_tokens_to_ids("<|eos|>"), fast.convert_tokens_to_ids("<|end|>")],
         pad_token_id=fast.convert_tokens_to_ids("<|eos|>"),
         torch_dtype="float32",
     )
     config.architectures = ["LlamaForCausalLM"]
-    # Actual vocab may be below the target when the corpus is small; keep the embedding size fixed.
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,215 @@
+"""EngineCore: one engine's state and its `step()`; used in-process by `LLM` and by the engine loop.
+
+`add_request` validates and queues; `step` schedules, runs the model, applies the sampled tokens
+(stop checks and detokenization) and returns one `RequestDelta` per request that produced
+something. Aborted and rejected requests also come back as deltas, so every request that entered
+ends with exactly one finished delta.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pd_serve.config import EngineConfig
+from pd_serve.engine.detokenizer import IncrementalDetokenizer
+from pd_serve.engine.kv_cache import KVCache, num_pages_for
+from pd_serve.engine.messages import EngineStats, RequestDelta, TokenLogprob
+from pd_serve.engine.request import FinishReason, Request
+from pd_serve.engine.runner import ModelRunner
+from pd_serve.engine.sampler import TokenLogprobs
+from pd_serve.engine.sampling_params import SamplingParams
+from pd_serve.engine.scheduler import ScheduleOutput, Scheduler, SchedulerConfig
+from pd_serve.model.config import ModelConfig, load_model_config
+from pd_serve.model.demo import resolve_model_path
+from pd_serve.model.loader import check_device, load_model, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_dir: Path):  # noqa: ANN201 (a transformers tokenizer)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def eos_token_ids(model_dir: Path, model: ModelConfig, tokenizer: object) -> frozenset[int]:
+    ids = set(model.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids.add(tok_eos)
+    return frozenset(ids)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.model_dir = resolve_model_path(config.model)
+        self.model_config = load_model_config(self.model_dir)
+        self.device = check_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
+        self.max_model_len = self._max_model_len()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._decode = backend.decode if backend is not None else self.tokenizer.decode
+        self.eos_ids = eos_token_ids(self.model_dir, self.model_config, self.tokenizer)
+        self.model = load_model(self.model_dir, config.dtype, config.device, self.max_model_len, config.show_progress)
+        num_pages = num_pages_for(
+            self.model_config, self.dtype, config.page_size, config.max_total_tokens, config.kv_cache_memory
+        )
+        self.kv = KVCache(self.model_config, num_pages, config.page_size, self.dtype, self.device)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                page_size=config.page_size,
+                num_pages=num_pages,
+                max_running_requests=config.max_running_requests,
+                token_budget=config.chunked_prefill_size,
+                max_model_len=self.max_model_len,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self.runner = ModelRunner(self.model, self.kv, self.device)
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[RequestDelta] = []
+        self.steps = 0
+
+    def _max_model_len(self) -> int:
+        m = self.model_config
+        limit = m.max_position_embeddings
+        if m.sliding_window is not None and m.sliding_window < limit:
+            log.warning("sliding_window=%d: context capped to the window (no sliding attention)", m.sliding_window)
+            limit = m.sliding_window
+        if self.config.max_model_len is not None:
+            if self.config.max_model_len > limit:
+                raise ValueError(
+                    f"max_model_len (--max-model-len) {self.config.max_model_len} exceeds the model's limit {limit}"
+                )
+            limit = self.config.max_model_len
+        return limit
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises RequestRejected or InvalidParameter (nothing is queued then)."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            from pd_serve.engine.scheduler import RequestRejected
+
+            raise RequestRejected("prompt", f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        req = Request(request_id, list(prompt_token_ids), params)
+        self.scheduler.add(req)
+        self._requests[request_id] = req
+        self._detok[request_id] = IncrementalDetokenizer(
+            self._decode, req.prompt_token_ids, params.stop, params.skip_special_tokens
+        )
+
+    def abort(self, request_id: str) -> None:
+        req = self.scheduler.abort(request_id)
+        if req is not None:
+            self._pending.append(self._finish_delta(req, [], None))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._pending)
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        deltas, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return deltas
+        out = self.runner.run(sched)
+        self.scheduler.commit(sched)
+        self.steps += 1
+        for chunk, token, lp in zip(out.sampled, out.result.token_ids, out.result.logprobs):
+            deltas.append(self._apply(chunk.request, token, lp))
+        return deltas
+
+    def _apply(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestDelta:
+        req.output_token_ids.append(token)
+        p = req.params
+        reason, stop_reason = None, None
+        stop_string = self._detok[req.request_id].add(token)
+        if not p.ignore_eos and token in self.eos_ids:
+            reason, stop_reason = FinishReason.STOP, token
+        elif token in p.stop_token_ids:
+            reason, stop_reason = FinishReason.STOP, token
+        elif stop_string is not None:
+            reason, stop_reason = FinishReason.STOP, stop_string
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        logprobs = None if lp is None else [TokenLogprob(token, lp.logprob, lp.top)]
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            return self._finish_delta(req, [token], stop_reason, logprobs)
+        text = self._detok[req.request_id].release(finished=False)
+        return RequestDelta(req.request_id, [token], text, logprobs=logprobs, **self._counts(req))
+
+    def _finish_delta(
+        self, req: Request, tokens: list[int], stop_reason: str | int | None, logprobs: list[TokenLogprob] | None = None
+    ) -> RequestDelta:
+        detok = self._detok.pop(req.request_id)
+        self._requests.pop(req.request_id, None)
+        assert req.finish_reason is not None
+        return RequestDelta(
+            req.request_id,
+            tokens,
+            detok.release(finished=True),
+            finished=True,
+            finish_reason=req.finish_reason.value,
+            stop_reason=stop_reason,
+            logprobs=logprobs,
+            **self._counts(req),
+        )
+
+    @staticmethod
+    def _counts(req: Request) -> dict[str, int]:
+        return {
+            "num_prompt_tokens": req.num_prompt_tokens,
+            "num_output_tokens": len(req.output_token_ids),
+            "num_cached_tokens": req.num_cached_tokens,
+        }
+
+    # ---- introspection -------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        cache = s.prefix_cache
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            num_total_pages=s.pages.num_pages,
+            num_free_pages=s.pages.num_free,
+            num_cached_pages=cache.num_cached if cache else 0,
+            page_size=self.config.page_size,
+            prefix_cache_queried_tokens=cache.queried_tokens if cache else 0,
+            prefix_cache_hit_tokens=cache.hit_tokens if cache else 0,
+            num_preemptions=s.num_preemptions,
+            steps=self.steps,
+        )
+
+    def flush_prefix_cache(self) -> int:
+        return self.scheduler.pages.flush_cache()
+
+    def prompt_logits(self, prompt_token_ids: list[int]) -> torch.Tensor:
+        """Logits at every prompt position (float32 [len, vocab]), computed through the paged cache."""
+        from pd_serve.engine.scheduler import ScheduledChunk
+
+        req = Request("__logits__", list(prompt_token_ids), SamplingParams(max_tokens=1))
+        pages = self.scheduler.pages.allocate(-(-len(prompt_token_ids) // self.config.page_size))
+        if pages is None:
+            raise RuntimeError("not enough free KV pages to score the prompt")
+        req.page_ids = pages
+        try:
+            return self.runner.forward_logits(ScheduleOutput([ScheduledChunk(req, 0, len(prompt_token_ids))]))
+        finally:
+            self.scheduler.pages.release(pages)

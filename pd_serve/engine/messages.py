@@ -1,0 +1,127 @@
+"""Every message between API processes and the engine process, and their one codec.
+
+Messages are plain dataclasses. `encode` turns one into bytes (orjson, with the class name as a tag);
+`decode` turns bytes back into the same class. Nothing else crosses the process boundary: no
+pickled objects, no method names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from pd_serve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams  # validated again on decode
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class FlushCache:
+    pass
+
+
+@dataclass
+class GetStats:
+    pass
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestDelta:
+    """What one engine step produced for one request: new tokens, released text, maybe the finish."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+    error: str | None = None  # set with finish_reason "abort" when the engine refused the request
+    error_param: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_total_pages: int
+    num_free_pages: int
+    num_cached_pages: int
+    page_size: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    steps: int
+    alive: bool = True
+
+
+@dataclass
+class StepOutputs:
+    deltas: list[RequestDelta]
+
+
+@dataclass
+class Reply:
+    """The engine's answer to a control message (stats, flush)."""
+
+    kind: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (AddRequest, AbortRequest, FlushCache, GetStats, Shutdown, StepOutputs, Reply, EngineStats)
+}
+
+
+def encode(msg: Any) -> bytes:
+    return orjson.dumps({"type": type(msg).__name__, "body": dataclasses.asdict(msg)})
+
+
+def decode(data: bytes) -> Any:
+    raw = orjson.loads(data)
+    cls = MESSAGE_TYPES[raw["type"]]
+    return _build(cls, raw["body"])
+
+
+def _build(cls: type, body: dict[str, Any]) -> Any:
+    if cls is AddRequest:
+        return AddRequest(body["request_id"], body["prompt_token_ids"], SamplingParams(**body["sampling"]))
+    if cls is StepOutputs:
+        deltas = []
+        for d in body["deltas"]:
+            lps = d.pop("logprobs")
+            delta = RequestDelta(**d)
+            if lps is not None:
+                delta.logprobs = [TokenLogprob(lp["token_id"], lp["logprob"], [tuple(t) for t in lp["top"]]) for lp in lps]
+            deltas.append(delta)
+        return StepOutputs(deltas)
+    return cls(**body)
