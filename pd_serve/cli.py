@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pd_serve.engine.cli", "generate text offline with the engine (no server)"),
+    "bootstrap": ("pd_serve.bootstrap.cli", "run the rendezvous service: node registry, heartbeats, pair checks"),
 }
 
 
