@@ -83,7 +83,9 @@ def check_attention_query(
     check_dim("q", q, 3, "[rows, num_heads, head_dim]")
     check_size("q", q, 2, k_pool.shape[3], "head_dim of k_pool")
     if q.shape[1] % k_pool.shape[2] != 0:
-        raise ValueError(f"q: num_heads {q.shape[1]} is not a multiple of k_pool's kv_heads {k_pool.shape[2]}")
+        raise ValueError(
+            f"q: num_heads {q.shape[1]} is not a multiple of k_pool's kv_heads {k_pool.shape[2]}"
+        )
     check_same_dtype("q", q, "k_pool", k_pool)
     check_last_contiguous("q", q)
     check_dim("page_table", page_table, 2, "[batch, max_pages]")
