@@ -42,6 +42,7 @@ its detail starts with the first field. 413 for bodies over 64 KiB, 507 when --m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,7 +56,14 @@ from pd_serve.bootstrap.config import BootstrapConfig
 from pd_serve.bootstrap.metrics import CONTENT_TYPE, BootstrapMetrics
 from pd_serve.bootstrap.middleware import GuardMiddleware
 from pd_serve.bootstrap.records import (
-    NODE_ID_PATTERN, HeartbeatBody, NodeList, NodeRecord, NodeRegistration, Role, check_pair, list_etag,
+    NODE_ID_PATTERN,
+    HeartbeatBody,
+    NodeList,
+    NodeRecord,
+    NodeRegistration,
+    Role,
+    check_pair,
+    list_etag,
 )
 from pd_serve.bootstrap.store import NodeNotFound, NodeStore, StoreFull, make_store
 
@@ -76,10 +84,8 @@ class ChangeSignal:
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float) -> None:
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):  # the caller re-reads the store either way
             await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass  # the caller re-reads the store either way
 
 
 class Registry:
@@ -88,8 +94,9 @@ class Registry:
     def __init__(self, config: BootstrapConfig, metrics: BootstrapMetrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.store: NodeStore = make_store(config.store, config.node_ttl, config.max_nodes,
-                                           self._expired, redis_prefix=config.redis_prefix)
+        self.store: NodeStore = make_store(
+            config.store, config.node_ttl, config.max_nodes, self._expired, redis_prefix=config.redis_prefix
+        )
         self.changes = ChangeSignal()
 
     def _expired(self, node_id: str) -> None:
@@ -112,7 +119,9 @@ class Registry:
 
 
 def _json(model: NodeRecord | NodeList, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(model.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
+    return Response(
+        model.model_dump_json(), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def _not_found(detail: str) -> JSONResponse:
@@ -122,13 +131,20 @@ def _not_found(detail: str) -> JSONResponse:
 def _field_of(loc: tuple[int | str, ...], kind: str) -> str:
     if kind == "json_invalid":
         return "body"
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "path", "query", "header") else list(map(str, loc))
+    parts = (
+        [str(p) for p in loc[1:]]
+        if loc and loc[0] in ("body", "path", "query", "header")
+        else list(map(str, loc))
+    )
     return ".".join(parts) or str(loc[0] if loc else "body")
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [{"field": _field_of(tuple(e.get("loc", ())), e.get("type", "")), "message": e.get("msg", "invalid")} for e in exc.errors()]
+    errors = [
+        {"field": _field_of(tuple(e.get("loc", ())), e.get("type", "")), "message": e.get("msg", "invalid")}
+        for e in exc.errors()
+    ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
@@ -141,8 +157,14 @@ def create_app(config: BootstrapConfig) -> GuardMiddleware:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.store.start()
-        log.info("bootstrap listening on %s:%d, store %s, node ttl %gs, auth %s", config.host, config.port,
-                 config.store_display, config.node_ttl, "on" if config.auth_token else "off")
+        log.info(
+            "bootstrap listening on %s:%d, store %s, node ttl %gs, auth %s",
+            config.host,
+            config.port,
+            config.store_display,
+            config.node_ttl,
+            "on" if config.auth_token else "off",
+        )
         try:
             yield
         finally:
@@ -175,7 +197,9 @@ def _add_node_routes(app: FastAPI, registry: Registry) -> None:
         try:
             record = await store.heartbeat(node_id, body.load if body else None)
         except NodeNotFound:
-            return _not_found(f"node {node_id!r} is unknown or expired: register it again (PUT /v1/nodes/{node_id})")
+            return _not_found(
+                f"node {node_id!r} is unknown or expired: register it again (PUT /v1/nodes/{node_id})"
+            )
         metrics.heartbeats.inc()
         return _json(record)
 
@@ -209,11 +233,14 @@ def _add_query_routes(app: FastAPI, registry: Registry) -> None:
         return _json(listing, headers={"ETag": f'"{listing.etag}"'})
 
     @app.get("/v1/pairs/check")
-    async def pair_check(prefill: Annotated[str, Query(max_length=128)],
-                         decode: Annotated[str, Query(max_length=128)]) -> Response:
+    async def pair_check(
+        prefill: Annotated[str, Query(max_length=128)], decode: Annotated[str, Query(max_length=128)]
+    ) -> Response:
         p, d = await store.get(prefill), await store.get(decode)
         if p is None or d is None:
-            missing = " and ".join(f"{k} node {v!r}" for k, v, r in (("prefill", prefill, p), ("decode", decode, d)) if r is None)
+            missing = " and ".join(
+                f"{k} node {v!r}" for k, v, r in (("prefill", prefill, p), ("decode", decode, d)) if r is None
+            )
             return _not_found(f"{missing}: unknown or expired")
         return Response(check_pair(p, d).model_dump_json(), media_type="application/json")
 

@@ -21,10 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port, help="port to listen on")
     parser.add_argument("--store", default=d.store, help="'memory' (default) or redis://HOST:PORT/DB")
     parser.add_argument(
-        "--auth-token-file", default=None,
+        "--auth-token-file",
+        default=None,
         help=f"file holding the bearer token every route but /health requires (default: ${TOKEN_ENV}, else no auth)",
     )
-    parser.add_argument("--node-ttl", type=float, default=d.node_ttl, help="seconds a node lives after its last heartbeat")
+    parser.add_argument(
+        "--node-ttl", type=float, default=d.node_ttl, help="seconds a node lives after its last heartbeat"
+    )
     parser.add_argument("--max-nodes", type=int, default=d.max_nodes, help="most node records kept")
     parser.add_argument("--redis-prefix", default=d.redis_prefix, help="key prefix in Redis")
     parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
@@ -32,8 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BootstrapConfig:
     return BootstrapConfig(
-        host=args.host, port=args.port, store=args.store, auth_token=read_token(args.auth_token_file),
-        node_ttl=args.node_ttl, max_nodes=args.max_nodes, redis_prefix=args.redis_prefix, log_level=args.log_level,
+        host=args.host,
+        port=args.port,
+        store=args.store,
+        auth_token=read_token(args.auth_token_file),
+        node_ttl=args.node_ttl,
+        max_nodes=args.max_nodes,
+        redis_prefix=args.redis_prefix,
+        log_level=args.log_level,
     )
 
 
@@ -55,9 +64,16 @@ def serve(config: BootstrapConfig) -> None:
 
     from pd_serve.bootstrap.app import create_app
 
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     server = Granian(
-        "pd_serve.bootstrap.app:create_app", address=config.host, port=config.port,
-        interface=Interfaces.ASGI, workers=1, log_level=LogLevels(config.log_level), log_access=False,
+        "pd_serve.bootstrap.app:create_app",
+        address=config.host,
+        port=config.port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        log_level=LogLevels(config.log_level),
+        log_access=False,
     )
     server.serve(target_loader=partial(create_app, config), wrap_loader=False)

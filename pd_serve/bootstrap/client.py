@@ -78,7 +78,9 @@ class RetryPolicy:
         if self.attempts < 1:
             raise ValueError(f"attempts: {self.attempts} must be at least 1")
         if not 0 < self.initial_backoff <= self.max_backoff:
-            raise ValueError(f"initial_backoff: {self.initial_backoff} must be in (0, max_backoff={self.max_backoff}]")
+            raise ValueError(
+                f"initial_backoff: {self.initial_backoff} must be in (0, max_backoff={self.max_backoff}]"
+            )
 
     def delays(self) -> Iterator[float]:
         """The pause after each failed try, forever (callers count attempts)."""
@@ -95,8 +97,9 @@ def _retryable(exc: BaseException) -> bool:
 class BootstrapClient:
     """One connection pool to one bootstrap service; see the module docstring for the API."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0,
-                 retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = 5.0, retry: RetryPolicy | None = None
+    ) -> None:
         token = token if token is not None else read_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
@@ -112,11 +115,19 @@ class BootstrapClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-                    timeout: float | None = None) -> httpx.Response:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, json=json, params=params,
-                                                timeout=timeout or self.timeout)
+            response = await self._http.request(
+                method, path, json=json, params=params, timeout=timeout or self.timeout
+            )
         except httpx.TransportError as exc:
             raise BootstrapError(0, f"{type(exc).__name__} calling {method} {path}") from exc
         if response.status_code >= 400:
@@ -180,7 +191,9 @@ class BootstrapClient:
         delays = self.retry.delays()
         while True:
             try:
-                listing = await (self.list_nodes(role) if etag is None else self.wait_for_change(etag, role, timeout))
+                listing = await (
+                    self.list_nodes(role) if etag is None else self.wait_for_change(etag, role, timeout)
+                )
             except BootstrapError as exc:
                 if not _retryable(exc):
                     raise
@@ -212,8 +225,14 @@ def _error(response: httpx.Response) -> BootstrapError:
 class NodeKeeper:
     """Keeps one node registered: register, then heartbeat every ttl/3, re-registering after a 404."""
 
-    def __init__(self, client: BootstrapClient, node_id: str, registration: NodeRegistration,
-                 load_fn: Callable[[], Load] | None = None, interval: float | None = None) -> None:
+    def __init__(
+        self,
+        client: BootstrapClient,
+        node_id: str,
+        registration: NodeRegistration,
+        load_fn: Callable[[], Load] | None = None,
+        interval: float | None = None,
+    ) -> None:
         self.client = client
         self.node_id = node_id
         self.registration = registration
@@ -224,7 +243,9 @@ class NodeKeeper:
 
     async def start(self) -> NodeRecord:
         record = await self._register()
-        self._task = asyncio.create_task(self._beat_forever(record), name=f"bootstrap-heartbeat-{self.node_id}")
+        self._task = asyncio.create_task(
+            self._beat_forever(record), name=f"bootstrap-heartbeat-{self.node_id}"
+        )
         return record
 
     async def stop(self, leave: bool = True) -> None:
@@ -254,7 +275,9 @@ class NodeKeeper:
                 await self._beat_once()
             except BootstrapError as exc:
                 if reachable:  # one warning per outage, not one per beat
-                    log.warning("node %s: heartbeat failed (%s); retrying every %.2fs", self.node_id, exc, period)
+                    log.warning(
+                        "node %s: heartbeat failed (%s); retrying every %.2fs", self.node_id, exc, period
+                    )
                 reachable = False
                 continue
             reachable = True

@@ -80,7 +80,9 @@ def read_token(token_file: str | Path | None = None, env: dict[str, str] | None 
         try:
             token = path.read_text().strip()
         except OSError as exc:
-            raise BootstrapConfigError(f"auth_token_file (--auth-token-file): cannot read {path}: {exc.strerror}") from exc
+            raise BootstrapConfigError(
+                f"auth_token_file (--auth-token-file): cannot read {path}: {exc.strerror}"
+            ) from exc
         if not token:
             raise BootstrapConfigError(f"auth_token_file (--auth-token-file): {path} is empty")
         return token

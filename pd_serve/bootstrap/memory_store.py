@@ -16,8 +16,9 @@ from pd_serve.bootstrap.store import Clock, ExpireHook, NodeNotFound, NodeStore,
 class MemoryStore(NodeStore):
     """Records in a dict keyed by node id."""
 
-    def __init__(self, ttl: float, max_nodes: int, on_expire: ExpireHook | None = None,
-                 clock: Clock = time.time) -> None:
+    def __init__(
+        self, ttl: float, max_nodes: int, on_expire: ExpireHook | None = None, clock: Clock = time.time
+    ) -> None:
         super().__init__(ttl, max_nodes, on_expire, clock)
         self._records: dict[str, NodeRecord] = {}
 
@@ -38,7 +39,9 @@ class MemoryStore(NodeStore):
         if old is None and len(self._records) >= self.max_nodes:
             self._sweep()
             if len(self._records) >= self.max_nodes:
-                raise StoreFull(f"{len(self._records)} nodes registered, the limit is --max-nodes {self.max_nodes}")
+                raise StoreFull(
+                    f"{len(self._records)} nodes registered, the limit is --max-nodes {self.max_nodes}"
+                )
         result = self._new_record(node_id, registration, old)
         self._records[node_id] = result.record
         return result

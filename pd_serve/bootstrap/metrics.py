@@ -24,7 +24,9 @@ class BootstrapMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.nodes = Gauge("pd_bootstrap_nodes", "Live nodes by role", ["role"], registry=self.registry)
         self.registrations = Counter(
-            "pd_bootstrap_registrations", "Successful PUTs: kind=new (joins) or refresh", ["kind"],
+            "pd_bootstrap_registrations",
+            "Successful PUTs: kind=new (joins) or refresh",
+            ["kind"],
             registry=self.registry,
         )
         self.heartbeats = Counter("pd_bootstrap_heartbeats", "Accepted heartbeats", registry=self.registry)
@@ -32,8 +34,10 @@ class BootstrapMetrics:
             "pd_bootstrap_expiries", "Nodes removed because their TTL passed", registry=self.registry
         )
         self.requests = Counter(
-            "pd_bootstrap_requests", "HTTP requests by route template and status",
-            ["method", "route", "status"], registry=self.registry,
+            "pd_bootstrap_requests",
+            "HTTP requests by route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
 
     def on_expire(self, node_id: str) -> None:

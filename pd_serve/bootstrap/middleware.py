@@ -27,7 +27,9 @@ OPEN_PATHS = frozenset({"/health"})
 class GuardMiddleware:
     """Auth, body limit and request counting around the FastAPI app."""
 
-    def __init__(self, app: ASGIApp, token: str | None, max_body_bytes: int, metrics: BootstrapMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, token: str | None, max_body_bytes: int, metrics: BootstrapMetrics
+    ) -> None:
         self.app = app
         self._token = token.encode() if token else None
         self.max_body_bytes = max_body_bytes
@@ -54,8 +56,10 @@ class GuardMiddleware:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._authorized(scope):
-            detail = ("missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
-                      "of the service's --auth-token-file or PD_SERVE_BOOTSTRAP_TOKEN")
+            detail = (
+                "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
+                "of the service's --auth-token-file or PD_SERVE_BOOTSTRAP_TOKEN"
+            )
             await reply(send, 401, {"detail": detail}, [(b"www-authenticate", b"Bearer")])
             return
         declared = _content_length(scope)
@@ -116,7 +120,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def reply(send: Send, status: int, payload: object, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def reply(
+    send: Send, status: int, payload: object, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     """Send a whole JSON response."""
     body = orjson.dumps(payload)
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -7,6 +7,7 @@ dies while starting raises with the tail of its log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -36,8 +37,14 @@ class ChildProcess:
         fd, name = tempfile.mkstemp(prefix="pd-serve-child-", suffix=".log")
         self.log_path = Path(name)
         with os.fdopen(fd, "wb") as log_file:
-            self.popen = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -74,21 +81,35 @@ class ChildProcess:
         self.log_path.unlink(missing_ok=True)
 
     def _signal(self, sig: signal.Signals) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is already gone
             os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass  # the group is already gone
 
 
 class BootstrapProcess(ChildProcess):
     """`python -m pd_serve.cli bootstrap` (the `pd-serve bootstrap` command) on host:port."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", args: Sequence[str] = (),
-                 env: dict[str, str] | None = None, ready_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 30.0,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
-        argv = [sys.executable, "-m", "pd_serve.cli", "bootstrap", "--host", host, "--port", str(self.port), *args]
+        argv = [
+            sys.executable,
+            "-m",
+            "pd_serve.cli",
+            "bootstrap",
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            *args,
+        ]
         super().__init__(argv, env=env)
         self.wait_ready(self._healthy, ready_timeout, f"bootstrap on {self.url}")
 

@@ -22,7 +22,15 @@ _NODE_ID_RE = re.compile(NODE_ID_PATTERN)
 Role = Literal["prefill", "decode", "colocated"]
 ROLES: tuple[Role, ...] = ("prefill", "decode", "colocated")
 # The layout fingerprint fields, in the order a pair check compares them.
-LAYOUT_FIELDS = ("architecture", "num_layers", "num_kv_heads", "head_dim", "dtype", "page_size", "config_hash")
+LAYOUT_FIELDS = (
+    "architecture",
+    "num_layers",
+    "num_kv_heads",
+    "head_dim",
+    "dtype",
+    "page_size",
+    "config_hash",
+)
 
 PositiveInt = Annotated[int, Field(ge=1, le=2**31)]
 Count = Annotated[int, Field(ge=0, le=2**40)]
@@ -140,17 +148,43 @@ def list_etag(records: Iterable[NodeRecord]) -> str:
 
 def check_pair(prefill: NodeRecord, decode: NodeRecord) -> PairCheck:
     """Compare roles, then the layout fields in LAYOUT_FIELDS order, then the TP size."""
-    base = {"compatible": False, "prefill": prefill.node_id, "decode": decode.node_id}
     if prefill.role == "decode" or decode.role == "prefill":
-        return PairCheck(**base, field="role", prefill_value=prefill.role, decode_value=decode.role,
-                         reason=f"roles cannot pair: prefill node is {prefill.role}, decode node is {decode.role}")
+        return _mismatch(
+            prefill,
+            decode,
+            "role",
+            prefill.role,
+            decode.role,
+            f"roles cannot pair: prefill node is {prefill.role}, decode node is {decode.role}",
+        )
     for name in LAYOUT_FIELDS:
         p, d = getattr(prefill.layout, name), getattr(decode.layout, name)
         if p != d:
-            return PairCheck(**base, field=f"layout.{name}", prefill_value=p, decode_value=d,
-                             reason=f"layout.{name} differs: prefill {p!r}, decode {d!r}")
+            return _mismatch(
+                prefill, decode, f"layout.{name}", p, d, f"layout.{name} differs: prefill {p!r}, decode {d!r}"
+            )
     p_tp, d_tp = len(prefill.transfer), len(decode.transfer)
     if p_tp != d_tp:
-        return PairCheck(**base, field="tp_size", prefill_value=p_tp, decode_value=d_tp,
-                         reason=f"tp_size differs: prefill {p_tp}, decode {d_tp} transfer endpoints")
+        return _mismatch(
+            prefill,
+            decode,
+            "tp_size",
+            p_tp,
+            d_tp,
+            f"tp_size differs: prefill has {p_tp}, decode {d_tp} transfer endpoints",
+        )
     return PairCheck(compatible=True, prefill=prefill.node_id, decode=decode.node_id)
+
+
+def _mismatch(
+    prefill: NodeRecord, decode: NodeRecord, field: str, p: str | int, d: str | int, reason: str
+) -> PairCheck:
+    return PairCheck(
+        compatible=False,
+        prefill=prefill.node_id,
+        decode=decode.node_id,
+        field=field,
+        prefill_value=p,
+        decode_value=d,
+        reason=reason,
+    )

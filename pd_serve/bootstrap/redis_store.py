@@ -29,8 +29,15 @@ return 0
 class RedisStore(NodeStore):
     """Node records as Redis keys with a TTL, indexed by one set."""
 
-    def __init__(self, url: str, ttl: float, max_nodes: int, on_expire: ExpireHook | None = None,
-                 clock: Clock = time.time, prefix: str = "pd-serve:bootstrap") -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl: float,
+        max_nodes: int,
+        on_expire: ExpireHook | None = None,
+        clock: Clock = time.time,
+        prefix: str = "pd-serve:bootstrap",
+    ) -> None:
         super().__init__(ttl, max_nodes, on_expire, clock)
         self._url = url
         self._prefix = prefix
@@ -43,7 +50,9 @@ class RedisStore(NodeStore):
             await self._redis.ping()
         except (RedisError, OSError) as exc:
             await self._redis.aclose()
-            raise ConnectionError(f"store (--store): cannot reach Redis: {type(exc).__name__}: {exc}") from exc
+            raise ConnectionError(
+                f"store (--store): cannot reach Redis: {type(exc).__name__}: {exc}"
+            ) from exc
         self._drop_if_expired = self._redis.register_script(_DROP_IF_EXPIRED)
 
     async def close(self) -> None:
@@ -105,7 +114,7 @@ class RedisStore(NodeStore):
         return NodeRecord.model_validate_json(raw) if raw is not None else None
 
     async def list(self) -> list[NodeRecord]:
-        ids = sorted(i.decode() for i in await self._r.smembers(self._ids_key))
+        ids = sorted(i.decode() if isinstance(i, bytes) else i for i in await self._r.smembers(self._ids_key))
         if not ids:
             return []
         raws = await self._r.mget([self._key(i) for i in ids])

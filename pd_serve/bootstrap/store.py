@@ -35,8 +35,9 @@ class PutResult(NamedTuple):
 class NodeStore(abc.ABC):
     """Live node records with a TTL; see the module docstring for the call order."""
 
-    def __init__(self, ttl: float, max_nodes: int, on_expire: ExpireHook | None = None,
-                 clock: Clock = time.time) -> None:
+    def __init__(
+        self, ttl: float, max_nodes: int, on_expire: ExpireHook | None = None, clock: Clock = time.time
+    ) -> None:
         self.ttl = ttl
         self.max_nodes = max_nodes
         self._on_expire = on_expire or (lambda node_id: None)
@@ -78,7 +79,10 @@ class NodeStore(abc.ABC):
         refresh = old is not None and old.expires_at > now and old.same_identity(reg)
         registered_at = old.registered_at if refresh and old is not None else now
         record = NodeRecord(
-            node_id=node_id, registered_at=registered_at, updated_at=now, expires_at=now + self.ttl,
+            node_id=node_id,
+            registered_at=registered_at,
+            updated_at=now,
+            expires_at=now + self.ttl,
             **reg.model_dump(),
         )
         return PutResult(record, created=not refresh)
@@ -91,8 +95,13 @@ class NodeStore(abc.ABC):
         return record.model_copy(update=update)
 
 
-def make_store(url: str, ttl: float, max_nodes: int, on_expire: ExpireHook | None = None,
-               redis_prefix: str = "pd-serve:bootstrap") -> NodeStore:
+def make_store(
+    url: str,
+    ttl: float,
+    max_nodes: int,
+    on_expire: ExpireHook | None = None,
+    redis_prefix: str = "pd-serve:bootstrap",
+) -> NodeStore:
     """`memory` gives the in-process store; a redis:// URL the shared Redis store."""
     if url == "memory":
         from pd_serve.bootstrap.memory_store import MemoryStore
