@@ -1,6 +1,8 @@
 """The bootstrap client used by nodes and the frontend (asyncio + httpx); the wire shapes are in `app.py`.
 
-    client = BootstrapClient("http://127.0.0.1:8998")          # token=None reads $PD_SERVE_BOOTSTRAP_TOKEN
+    from pd_serve.bootstrap.records import NodeRegistration, Load   # the typed bodies (pydantic)
+    client = BootstrapClient("http://127.0.0.1:8998")          # token=None reads $PD_SERVE_BOOTSTRAP_TOKEN,
+                                                               # token="" sends none
     record = await client.register("decode-0", registration)   # NodeRegistration -> NodeRecord; retries
     record = await client.heartbeat("decode-0", Load(...))     # raises NodeExpired on 404
     await client.leave("decode-0")                             # -> bool (False: was not there)
@@ -32,66 +34,34 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 
 from pd_serve.bootstrap.config import read_token
+from pd_serve.bootstrap.errors import (
+    BootstrapError,
+    NodeExpired,
+    NodeNotFound,
+    RetryPolicy,
+    Unauthorized,
+    retryable,
+)
 from pd_serve.bootstrap.records import Load, NodeList, NodeRecord, NodeRegistration, PairCheck, Role
 
+__all__ = [
+    "BootstrapClient",
+    "BootstrapError",
+    "NodeExpired",
+    "NodeKeeper",
+    "NodeNotFound",
+    "PeerCache",
+    "RetryPolicy",
+    "Unauthorized",
+]
+
 log = logging.getLogger("pd_serve.bootstrap.client")
-
-
-class BootstrapError(RuntimeError):
-    """The service answered with an error status (0: it could not be reached)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"bootstrap {status}: {detail}" if status else f"bootstrap unreachable: {detail}")
-        self.status = status
-        self.detail = detail
-
-
-class NodeExpired(BootstrapError):
-    """A heartbeat got 404: the node must register again."""
-
-
-class NodeNotFound(BootstrapError):
-    """A looked-up node is unknown or has expired."""
-
-
-class Unauthorized(BootstrapError):
-    """401: no token, or the wrong one (set PD_SERVE_BOOTSTRAP_TOKEN or pass token=)."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff: initial, initial*multiplier, ... capped at max_backoff, `attempts` tries."""
-
-    attempts: int = 8
-    initial_backoff: float = 0.1
-    max_backoff: float = 2.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts: {self.attempts} must be at least 1")
-        if not 0 < self.initial_backoff <= self.max_backoff:
-            raise ValueError(
-                f"initial_backoff: {self.initial_backoff} must be in (0, max_backoff={self.max_backoff}]"
-            )
-
-    def delays(self) -> Iterator[float]:
-        """The pause after each failed try, forever (callers count attempts)."""
-        delay = self.initial_backoff
-        while True:
-            yield delay
-            delay = min(self.max_backoff, delay * self.multiplier)
-
-
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, BootstrapError) and (exc.status == 0 or exc.status >= 500)
 
 
 class BootstrapClient:
@@ -149,7 +119,7 @@ class BootstrapClient:
             try:
                 return await attempt()
             except BootstrapError as exc:
-                if not _retryable(exc) or tries == self.retry.attempts:
+                if not retryable(exc) or tries == self.retry.attempts:
                     raise
                 await asyncio.sleep(next(delays))
         raise AssertionError("unreachable")
@@ -195,7 +165,7 @@ class BootstrapClient:
                     self.list_nodes(role) if etag is None else self.wait_for_change(etag, role, timeout)
                 )
             except BootstrapError as exc:
-                if not _retryable(exc):
+                if not retryable(exc):
                     raise
                 await asyncio.sleep(next(delays))
                 continue
