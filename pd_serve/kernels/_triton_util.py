@@ -37,3 +37,19 @@ def dot(a, b, UPCAST: tl.constexpr):
     else:
         out = tl.dot(a, b)
     return out
+
+
+@triton.jit
+def to_rtne(x, dtype: tl.constexpr):
+    """float32 x in dtype, rounded to nearest even.
+
+    Same as x.to(dtype) on a GPU, but spelled out for bfloat16 because triton 3.9's interpreter
+    truncates in that cast, and chained roundings (RMSNorm) then drift past test tolerances.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        out = x.to(dtype)
+    return out

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from pd_serve.kernels import _checks as c
-from pd_serve.kernels._triton_util import dot, is_interpreted, pow2, upcast_dot
+from pd_serve.kernels._triton_util import dot, is_interpreted, pow2, to_rtne, upcast_dot
 
 _BLOCK_N = 64  # context tokens per loop step
 _MIN_SPLIT = 256  # fewest context tokens worth a split of their own
@@ -67,7 +67,9 @@ def _decode_split_kernel(
     o = acc / tl.where(has, l_sum, 1.0)[:, None]
     if DIRECT:
         tl.store(
-            out + b * out_s0 + heads[:, None] * out_s1 + d[None, :], o.to(out.dtype.element_ty), mask=qmask
+            out + b * out_s0 + heads[:, None] * out_s1 + d[None, :],
+            to_rtne(o, out.dtype.element_ty),
+            mask=qmask,
         )
     else:
         o_at = o_part + b * op_s0 + heads[:, None] * op_s1 + sp * op_s2 + d[None, :]
@@ -91,7 +93,7 @@ def _combine_kernel(
     omask = smask[:, None] & (d[None, :] < head_dim)
     o = tl.load(o_part + b * op_s0 + h * op_s1 + s[:, None] * op_s2 + d[None, :], mask=omask, other=0.0)
     res = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-    tl.store(out + b * out_s0 + h * out_s1 + d, res.to(out.dtype.element_ty), mask=d < head_dim)
+    tl.store(out + b * out_s0 + h * out_s1 + d, to_rtne(res, out.dtype.element_ty), mask=d < head_dim)
 
 
 @functools.lru_cache(maxsize=8)

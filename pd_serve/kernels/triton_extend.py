@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from pd_serve.kernels import _checks as c
-from pd_serve.kernels._triton_util import dot, is_interpreted, pow2, upcast_dot
+from pd_serve.kernels._triton_util import dot, is_interpreted, pow2, to_rtne, upcast_dot
 
 _BLOCK_M = 64  # new tokens per program
 _BLOCK_N = 64  # context tokens per loop step
@@ -66,7 +66,9 @@ def _extend_kernel(
         acc = acc * alpha[:, None] + dot(p.to(vx.dtype), vx, UPCAST)
         m = m_new
     o = acc / l_sum[:, None]
-    tl.store(out + q_rows[:, None] * out_s0 + h * out_s1 + d[None, :], o.to(out.dtype.element_ty), mask=qmask)
+    tl.store(
+        out + q_rows[:, None] * out_s0 + h * out_s1 + d[None, :], to_rtne(o, out.dtype.element_ty), mask=qmask
+    )
 
 
 def _check(

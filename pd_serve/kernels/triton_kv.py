@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from pd_serve.kernels import _checks as c
-from pd_serve.kernels._triton_util import is_interpreted, pow2
+from pd_serve.kernels._triton_util import is_interpreted, pow2, to_rtne
 
 _PAGE_BLOCK = 1024  # elements of one page copied by one program
 
@@ -36,8 +36,8 @@ def _store_kv_kernel(
     dst = page * pool_s_page + off * pool_s_tok + h * pool_s_head + d
     kx = tl.load(k + tok * k_s_tok + h * k_s_head + d, mask=mask)
     vx = tl.load(v + tok * v_s_tok + h * v_s_head + d, mask=mask)
-    tl.store(k_pool + dst, kx.to(k_pool.dtype.element_ty), mask=mask)
-    tl.store(v_pool + dst, vx.to(v_pool.dtype.element_ty), mask=mask)
+    tl.store(k_pool + dst, to_rtne(kx.to(tl.float32), k_pool.dtype.element_ty), mask=mask)
+    tl.store(v_pool + dst, to_rtne(vx.to(tl.float32), v_pool.dtype.element_ty), mask=mask)
 
 
 def store_kv_triton(

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from pd_serve.kernels import _checks as c
-from pd_serve.kernels._triton_util import is_interpreted, pow2
+from pd_serve.kernels._triton_util import is_interpreted, pow2, to_rtne
 
 
 @triton.jit
@@ -27,13 +27,13 @@ def _rms_norm_kernel(
     s = tl.load(x + row + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual + row + offs, mask=mask, other=0.0)
-        s = (s.to(tl.float32) + r.to(tl.float32)).to(x.dtype.element_ty)
+        s = to_rtne(s.to(tl.float32) + r.to(tl.float32), x.dtype.element_ty)
         tl.store(res_out + row + offs, s, mask=mask)
     h = s.to(tl.float32)
     normed = h * tl.rsqrt(tl.sum(h * h, 0) / hidden + eps)
-    normed = normed.to(x.dtype.element_ty).to(tl.float32)
+    normed = to_rtne(normed, x.dtype.element_ty).to(tl.float32)
     w = tl.load(weight + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + row + offs, (w * normed).to(out.dtype.element_ty), mask=mask)
+    tl.store(out + row + offs, to_rtne(w * normed, out.dtype.element_ty), mask=mask)
 
 
 def rms_norm_triton(
@@ -100,8 +100,8 @@ def _rotate_heads(
     at = t + tok * s_tok + h * s_head + j
     x1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(at + half, mask=mask, other=0.0).to(tl.float32)
-    tl.store(at, (x1 * cos - x2 * sin).to(t.dtype.element_ty), mask=mask)
-    tl.store(at + half, (x2 * cos + x1 * sin).to(t.dtype.element_ty), mask=mask)
+    tl.store(at, to_rtne(x1 * cos - x2 * sin, t.dtype.element_ty), mask=mask)
+    tl.store(at + half, to_rtne(x2 * cos + x1 * sin, t.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -58,7 +58,15 @@ def test_decode_matches_reference(
     case = make_case(lens, [1] * len(lens), 2 * group, 2, head_dim, page_size, dtype)
     out = poisoned_like(case.q)
     decode_into(
-        case.q, case.k_pool, case.v_pool, case.page_table, case.context_lens, case.scale, out, num_splits, block_n
+        case.q,
+        case.k_pool,
+        case.v_pool,
+        case.page_table,
+        case.context_lens,
+        case.scale,
+        out,
+        num_splits,
+        block_n,
     )
     assert not out.isnan().any()
     torch.testing.assert_close(out, _decode_ref(case), **tolerances(dtype))
@@ -95,7 +103,15 @@ def test_extend_matches_reference(
 def test_extend_public_wrapper_and_dispatch() -> None:
     case = make_case([12, 4], [5, 4], 4, 1, 128, 16, torch.bfloat16)
     expected = _extend_ref(case)
-    args = (case.q, case.k_pool, case.v_pool, case.page_table, case.query_start, case.context_lens, case.scale)
+    args = (
+        case.q,
+        case.k_pool,
+        case.v_pool,
+        case.page_table,
+        case.query_start,
+        case.context_lens,
+        case.scale,
+    )
     torch.testing.assert_close(extend_attention_triton(*args), expected, **tolerances(torch.bfloat16))
     with ops.use_backend("triton"):
         torch.testing.assert_close(ops.extend_attention(*args), expected, **tolerances(torch.bfloat16))

@@ -42,21 +42,29 @@ def _dense_attention(case: PagedCase, i: int, q_rows: torch.Tensor) -> torch.Ten
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("group", "head_dim", "page_size"), [(1, 64, 7), (4, 128, 16), (8, 64, 5)])
-def test_decode_reference_matches_dense(dtype: torch.dtype, group: int, head_dim: int, page_size: int) -> None:
+def test_decode_reference_matches_dense(
+    dtype: torch.dtype, group: int, head_dim: int, page_size: int
+) -> None:
     lens = [1, 40, 17] + [int(n) for n in torch.randint(1, 60, (40,))]  # > one group of 32
     case = make_case(lens, [1] * len(lens), 2 * group, 2, head_dim, page_size, dtype)
     out = reference.paged_decode_attention_ref(
         case.q, case.k_pool, case.v_pool, case.page_table, case.context_lens, case.scale
     )
     for i in range(len(lens)):
-        torch.testing.assert_close(out[i : i + 1], _dense_attention(case, i, case.q[i : i + 1]), **tolerances(dtype))
+        torch.testing.assert_close(
+            out[i : i + 1], _dense_attention(case, i, case.q[i : i + 1]), **tolerances(dtype)
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("group", "head_dim", "page_size"), [(1, 64, 7), (4, 128, 16), (8, 64, 5)])
-def test_extend_reference_matches_dense(dtype: torch.dtype, group: int, head_dim: int, page_size: int) -> None:
+def test_extend_reference_matches_dense(
+    dtype: torch.dtype, group: int, head_dim: int, page_size: int
+) -> None:
     q_lens, prefixes = [1, 13, 9, 4], [0, 0, 11, 30]
-    case = make_case([p + n for p, n in zip(prefixes, q_lens)], q_lens, 2 * group, 2, head_dim, page_size, dtype)
+    case = make_case(
+        [p + n for p, n in zip(prefixes, q_lens)], q_lens, 2 * group, 2, head_dim, page_size, dtype
+    )
     out = reference.extend_attention_ref(
         case.q, case.k_pool, case.v_pool, case.page_table, case.query_start, case.context_lens, case.scale
     )
@@ -106,9 +114,13 @@ def test_rotary_reference_is_a_complex_rotation() -> None:
 def test_auto_backend_runs_the_reference_on_cpu() -> None:
     x = torch.randn(3, 8)
     with ops.use_backend("auto"):
-        assert ops._pick(reference.rms_norm_ref, "triton_norm", "rms_norm_triton", x) is reference.rms_norm_ref
+        assert (
+            ops._pick(reference.rms_norm_ref, "triton_norm", "rms_norm_triton", x) is reference.rms_norm_ref
+        )
     with ops.use_backend("torch"):
-        torch.testing.assert_close(ops.rms_norm(x, torch.ones(8), 1e-6)[0], reference.rms_norm_ref(x, torch.ones(8), 1e-6)[0])
+        torch.testing.assert_close(
+            ops.rms_norm(x, torch.ones(8), 1e-6)[0], reference.rms_norm_ref(x, torch.ones(8), 1e-6)[0]
+        )
 
 
 def test_use_backend_restores_and_rejects_unknown_names() -> None:
