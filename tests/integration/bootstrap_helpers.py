@@ -17,7 +17,7 @@ import pytest
 from pd_serve.bootstrap.process import RedisProcess
 
 T = TypeVar("T")
-TTL = 2.0  # short node TTL for the shared servers: expiry tests wait about this long
+TTL = 3.0  # short node TTL for the shared servers: expiry tests wait about this long
 
 
 def registration(role: str = "prefill", page_size: int = 16, tp: int = 1, **changes: Any) -> dict[str, Any]:
