@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from functools import partial
 
@@ -49,11 +50,26 @@ def config_from_args(args: argparse.Namespace) -> BootstrapConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
+        check_port_free(config.host, config.port)
     except BootstrapConfigError as exc:
         print(f"pd-serve bootstrap: {exc}", file=sys.stderr)
         return 2
     serve(config)
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on: Granian binds with SO_REUSEPORT, so a second
+    bootstrap would silently share the port, and with memory stores clients would see two registries."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise BootstrapConfigError(
+                f"port (--port): cannot listen on {host}:{port}: {exc.strerror}"
+            ) from exc
 
 
 def serve(config: BootstrapConfig) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,9 +76,16 @@ async def _client_calls(url: str) -> tuple[list[str], str]:
     return names, "accepted"
 
 
-def test_max_nodes_refuses_new_nodes_but_not_refreshes(tmp_path: Path) -> None:
+def test_max_nodes_and_a_busy_port_are_refused() -> None:
     proc = BootstrapProcess(args=["--max-nodes", "2", "--log-level", "warning"])
     try:
+        second = subprocess.run(
+            [sys.executable, "-m", "pd_serve.cli", "bootstrap", "--port", str(proc.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2 and "--port" in second.stderr  # no silent second registry
         with httpx.Client(base_url=proc.url, timeout=10.0) as http:
             assert http.put("/v1/nodes/a", json=registration()).status_code == 201
             assert http.put("/v1/nodes/b", json=registration()).status_code == 201
