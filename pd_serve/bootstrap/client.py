@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("pd_serve.bootstrap.client")
+T = TypeVar("T")
 
 
 class BootstrapClient:
@@ -113,16 +115,16 @@ class BootstrapClient:
         response = await self._call("PUT", f"/v1/nodes/{node_id}", json=body)
         return NodeRecord.model_validate_json(response.content)
 
-    async def _retrying(self, attempt: Callable[[], Any]) -> Any:
-        delays = self.retry.delays()
-        for tries in range(1, self.retry.attempts + 1):
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()` up to retry.attempts times; the last failure (or a non-retryable one) raises."""
+        for delay in itertools.islice(self.retry.delays(), self.retry.attempts - 1):
             try:
                 return await attempt()
             except BootstrapError as exc:
-                if not retryable(exc) or tries == self.retry.attempts:
+                if not retryable(exc):
                     raise
-                await asyncio.sleep(next(delays))
-        raise AssertionError("unreachable")
+            await asyncio.sleep(delay)
+        return await attempt()
 
     async def heartbeat(self, node_id: str, load: Load | None = None) -> NodeRecord:
         body = {"load": load.model_dump()} if load is not None else None
