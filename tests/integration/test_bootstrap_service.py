@@ -8,11 +8,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from bootstrap_helpers import registration, start_redis
+from bootstrap_helpers import clear_nodes, registration, start_redis
 
 from pd_serve.bootstrap.client import BootstrapClient, Unauthorized
 from pd_serve.bootstrap.config import TOKEN_ENV
@@ -29,12 +28,15 @@ def redis() -> Iterator[RedisProcess]:
     proc.stop(graceful=False)
 
 
-@pytest.fixture(params=["file", "env"])
-def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BootstrapProcess]:
+@pytest.fixture(scope="module", params=["file", "env"])
+def secured(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BootstrapProcess]:
+    """A service with a token (from a file, or from the environment) and --max-nodes 2."""
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     args = ["--max-nodes", "2", "--log-level", "debug"]
     if request.param == "file":
-        token_file = tmp_path / "token"
+        token_file = tmp_path_factory.mktemp("auth") / "token"
         token_file.write_text(TOKEN + "\n")
         args += ["--auth-token-file", str(token_file)]
     else:
@@ -44,8 +46,19 @@ def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bootstra
     proc.stop()
 
 
-def test_auth_is_required_and_wrong_tokens_are_refused(secured: BootstrapProcess) -> None:
-    good = {"Authorization": f"Bearer {TOKEN}"}
+GOOD = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def authed(secured: BootstrapProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=secured.url, timeout=10.0, headers=GOOD) as http:
+        clear_nodes(http)
+        yield http
+
+
+def test_auth_is_required_and_wrong_tokens_are_refused(
+    secured: BootstrapProcess, authed: httpx.Client
+) -> None:
     with httpx.Client(base_url=secured.url, timeout=10.0) as http:
         assert http.get("/health").status_code == 200  # the one open route
         for method, path in [
@@ -59,8 +72,8 @@ def test_auth_is_required_and_wrong_tokens_are_refused(secured: BootstrapProcess
             assert TOKEN not in refused.text
         for wrong in ("Bearer nope", f"Basic {TOKEN}", f"Bearer {TOKEN}x"):
             assert http.get("/v1/nodes", headers={"Authorization": wrong}).status_code == 401
-        assert http.put("/v1/nodes/p0", json=registration(), headers=good).status_code == 201
-        assert http.get("/v1/nodes", headers=good).json()["nodes"][0]["node_id"] == "p0"
+        assert authed.put("/v1/nodes/p0", json=registration()).status_code == 201
+        assert authed.get("/v1/nodes").json()["nodes"][0]["node_id"] == "p0"
     assert asyncio.run(_client_calls(secured.url)) == (["p0"], "Unauthorized")
     assert TOKEN not in secured.log_text()
 
@@ -76,26 +89,24 @@ async def _client_calls(url: str) -> tuple[list[str], str]:
     return names, "accepted"
 
 
-def test_max_nodes_and_a_busy_port_are_refused() -> None:
-    proc = BootstrapProcess(args=["--max-nodes", "2", "--log-level", "warning"])
-    try:
-        second = subprocess.run(
-            [sys.executable, "-m", "pd_serve.cli", "bootstrap", "--port", str(proc.port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert second.returncode == 2 and "--port" in second.stderr  # no silent second registry
-        with httpx.Client(base_url=proc.url, timeout=10.0) as http:
-            assert http.put("/v1/nodes/a", json=registration()).status_code == 201
-            assert http.put("/v1/nodes/b", json=registration()).status_code == 201
-            full = http.put("/v1/nodes/c", json=registration())
-            assert full.status_code == 507 and "--max-nodes 2" in full.json()["detail"]
-            assert http.put("/v1/nodes/a", json=registration()).status_code == 200
-            assert http.delete("/v1/nodes/b").status_code == 204
-            assert http.put("/v1/nodes/c", json=registration()).status_code == 201
-    finally:
-        proc.stop()
+def test_max_nodes_refuses_joins_but_not_refreshes(authed: httpx.Client) -> None:
+    assert authed.put("/v1/nodes/a", json=registration()).status_code == 201
+    assert authed.put("/v1/nodes/b", json=registration()).status_code == 201
+    full = authed.put("/v1/nodes/c", json=registration())
+    assert full.status_code == 507 and "--max-nodes 2" in full.json()["detail"]
+    assert authed.put("/v1/nodes/a", json=registration()).status_code == 200
+    assert authed.delete("/v1/nodes/b").status_code == 204
+    assert authed.put("/v1/nodes/c", json=registration()).status_code == 201
+
+
+def test_a_busy_port_is_refused(secured: BootstrapProcess) -> None:
+    second = subprocess.run(
+        [sys.executable, "-m", "pd_serve.cli", "bootstrap", "--port", str(secured.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2 and "--port" in second.stderr  # no silent second registry
 
 
 def _replica(redis: RedisProcess, prefix: str) -> BootstrapProcess:
