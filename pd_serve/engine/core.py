@@ -119,6 +119,10 @@ class EngineCore:
         if req is not None:
             self._pending.append(self._finish_delta(req, [], None))
 
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.abort(request_id)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._pending)
 

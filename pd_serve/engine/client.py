@@ -1,0 +1,175 @@
+"""The API process's handle on its engine process (asyncio).
+
+`EngineClient.start()` spawns the engine process and waits for it to report ready (or fail);
+`generate()` yields a request's `RequestDelta`s until the finished one and aborts the request in
+the engine if the consumer stops early; `alive` is false once the process died or its heartbeat is
+older than `dead_after_s`. When the engine dies, every open request gets a finished delta with an
+error, so no caller waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from pd_serve.config import EngineConfig
+from pd_serve.engine import messages as m
+from pd_serve.engine.process import EngineAddresses, run_engine
+from pd_serve.engine.sampling_params import SamplingParams
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig, dead_after_s: float = 2.0) -> None:
+        self.config = config
+        self.addrs = EngineAddresses.fresh()
+        self.dead_after_s = dead_after_s
+        self.info: dict[str, Any] = {}
+        self.last_stats: m.EngineStats | None = None
+        self._last_beat = 0.0
+        self._queues: dict[str, asyncio.Queue[m.RequestDelta]] = {}
+        self._replies: dict[str, asyncio.Future[m.Reply]] = {}
+        self._ctx = zmq.asyncio.Context()
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dead_reason: str | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self, timeout: float = 600.0) -> dict[str, Any]:
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.bind(self.addrs.outputs)
+        self._in = self._ctx.socket(zmq.PUSH)
+        self._in.setsockopt(zmq.LINGER, 0)
+        self._in.connect(self.addrs.inputs)
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=run_engine, args=(self.config, self.addrs), name="pd-serve-engine", daemon=True
+        )
+        self._proc.start()
+        ready = asyncio.get_running_loop().create_future()
+        self._replies["ready"] = ready
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+        try:
+            reply = await asyncio.wait_for(ready, timeout)
+        except asyncio.TimeoutError as exc:
+            await self.shutdown()
+            raise EngineStartError(f"engine did not become ready within {timeout:.0f} s") from exc
+        if reply.kind != "ready":
+            await self.shutdown()
+            raise EngineStartError(f"engine failed to start: {reply.payload.get('error')}")
+        self.info = reply.payload
+        self._last_beat = time.monotonic()
+        return self.info
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            with contextlib.suppress(zmq.ZMQError):
+                await self._in.send(m.encode(m.Shutdown()))
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+        for t in self._tasks:
+            t.cancel()
+        self._fail_all("engine shut down")
+        self._ctx.destroy(linger=0)
+
+    @property
+    def alive(self) -> bool:
+        return (
+            self._dead_reason is None
+            and self._proc is not None
+            and self._proc.is_alive()
+            and time.monotonic() - self._last_beat < self.dead_after_s
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, timeout: float = 3600.0
+    ) -> AsyncIterator[m.RequestDelta]:
+        """Deltas of one request; the last one has finished=True. Leaving early aborts it."""
+        if self._dead_reason is not None:
+            yield m.RequestDelta(request_id, [], "", True, "abort", error=self._dead_reason)
+            return
+        queue: asyncio.Queue[m.RequestDelta] = asyncio.Queue()
+        self._queues[request_id] = queue
+        finished = False
+        try:
+            await self._in.send(m.encode(m.AddRequest(request_id, prompt_token_ids, params)))
+            while True:
+                delta = await asyncio.wait_for(queue.get(), timeout)
+                finished = delta.finished
+                yield delta
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            await self._in.send(m.encode(m.AbortRequest(request_id)))
+
+    async def stats(self, timeout: float = 2.0) -> m.EngineStats:
+        """Fresh statistics from the engine loop (raises TimeoutError if it does not answer)."""
+        before = self._last_beat
+        await self._in.send(m.encode(m.GetStats()))
+        deadline = time.monotonic() + timeout
+        while self._last_beat == before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engine did not answer within {timeout} s")
+            await asyncio.sleep(0.005)
+        assert self.last_stats is not None
+        return self.last_stats
+
+    async def flush_cache(self, timeout: float = 10.0) -> int:
+        fut = asyncio.get_running_loop().create_future()
+        self._replies["flushed"] = fut
+        await self._in.send(m.encode(m.FlushCache()))
+        reply = await asyncio.wait_for(fut, timeout)
+        return int(reply.payload["freed_pages"])
+
+    # ---- background tasks ---------------------------------------------------------------------
+    async def _read(self) -> None:
+        while True:
+            msg = m.decode(await self._out.recv())
+            if isinstance(msg, m.StepOutputs):
+                for delta in msg.deltas:
+                    q = self._queues.get(delta.request_id)
+                    if q is not None:
+                        q.put_nowait(delta)
+            elif isinstance(msg, m.EngineStats):
+                self.last_stats, self._last_beat = msg, time.monotonic()
+            elif isinstance(msg, m.Reply):
+                fut = self._replies.pop(msg.kind if msg.kind != "failed" else "ready", None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+
+    async def _watch(self) -> None:
+        while self._proc is not None and self._proc.is_alive():
+            await asyncio.sleep(0.2)
+        code = self._proc.exitcode if self._proc else None
+        self._fail_all(f"engine process exited (code {code})")
+        fut = self._replies.pop("ready", None)
+        if fut is not None and not fut.done():
+            fut.set_result(m.Reply("failed", {"error": f"engine process exited (code {code}) before it was ready"}))
+
+    def _fail_all(self, reason: str) -> None:
+        self._dead_reason = self._dead_reason or reason
+        for rid, q in list(self._queues.items()):
+            q.put_nowait(m.RequestDelta(rid, [], "", True, "abort", error=reason))

@@ -1,0 +1,125 @@
+"""The engine loop in its own process, fed over ZMQ.
+
+The API process PUSHes `AddRequest`, `AbortRequest`, `FlushCache`, `GetStats` and `Shutdown`
+to the engine's input socket; the engine PUSHes `StepOutputs`, `Reply` and `EngineStats` back.
+`EngineStats` goes out at least every `HEARTBEAT_S`, so the other side can tell a live loop from a
+dead or stuck one. The loop never blocks while it has work; idle, it waits on the input socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import zmq
+
+from pd_serve.config import EngineConfig
+from pd_serve.engine import messages as m
+from pd_serve.engine.sampling_params import InvalidParameter
+from pd_serve.engine.scheduler import RequestRejected
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 0.5
+
+
+@dataclass(frozen=True)
+class EngineAddresses:
+    """ZMQ endpoints of one engine process; unique per API process (pid and uuid in the name)."""
+
+    inputs: str
+    outputs: str
+
+    @staticmethod
+    def fresh(directory: str | None = None) -> EngineAddresses:
+        base = os.path.join(directory or tempfile.gettempdir(), f"pd-serve-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        return EngineAddresses(inputs=f"ipc://{base}-in", outputs=f"ipc://{base}-out")
+
+
+def run_engine(config: EngineConfig, addrs: EngineAddresses) -> None:
+    """Process entry point: build the engine, announce readiness, loop until Shutdown or a signal."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 1000)
+    out.connect(addrs.outputs)
+    inp = ctx.socket(zmq.PULL)
+    inp.bind(addrs.inputs)
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when we stop
+    try:
+        from pd_serve.engine.core import EngineCore
+
+        core = EngineCore(config)
+    except Exception as exc:  # reported to the API process, which exits with the message
+        out.send(m.encode(m.Reply("failed", {"error": f"{type(exc).__name__}: {exc}"})))
+        raise
+    out.send(m.encode(m.Reply("ready", {"layout": core.kv.layout.to_dict(), "max_model_len": core.max_model_len,
+                                         "config": asdict(config), "model_dir": str(core.model_dir)})))
+    EngineLoop(core, inp, out, stop).run()
+    out.close()
+    inp.close()
+    ctx.term()
+
+
+class EngineLoop:
+    def __init__(self, core, inp: zmq.Socket, out: zmq.Socket, stop: dict[str, bool]) -> None:  # noqa: ANN001
+        self.core, self.inp, self.out, self.stop = core, inp, out, stop
+        self.last_stats = 0.0
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.inp, zmq.POLLIN)
+        while not self.stop["flag"]:
+            busy = self.core.has_unfinished()
+            timeout = 0 if busy else int(HEARTBEAT_S * 1000)
+            while poller.poll(timeout):
+                if not self._handle(m.decode(self.inp.recv())):
+                    return
+                timeout = 0
+            if self.core.has_unfinished():
+                deltas = self.core.step()
+                if deltas:
+                    self.out.send(m.encode(m.StepOutputs(deltas)))
+            self._heartbeat()
+        # SIGTERM: abort what is in flight so every client gets its finish
+        self._abort_all()
+
+    def _handle(self, msg: object) -> bool:
+        core = self.core
+        if isinstance(msg, m.AddRequest):
+            try:
+                core.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
+            except (RequestRejected, InvalidParameter, ValueError) as exc:
+                param = getattr(exc, "param", None)
+                delta = m.RequestDelta(msg.request_id, [], "", finished=True, finish_reason="abort",
+                                       error=str(exc), error_param=param)
+                self.out.send(m.encode(m.StepOutputs([delta])))
+        elif isinstance(msg, m.AbortRequest):
+            core.abort(msg.request_id)
+        elif isinstance(msg, m.FlushCache):
+            freed = core.flush_prefix_cache()
+            self.out.send(m.encode(m.Reply("flushed", {"freed_pages": freed})))
+        elif isinstance(msg, m.GetStats):
+            self._heartbeat(force=True)
+        elif isinstance(msg, m.Shutdown):
+            self._abort_all()
+            return False
+        return True
+
+    def _abort_all(self) -> None:
+        self.core.abort_all()
+        deltas = self.core.step()
+        if deltas:
+            self.out.send(m.encode(m.StepOutputs(deltas)))
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_stats >= HEARTBEAT_S:
+            self.last_stats = now
+            self.out.send(m.encode(self.core.stats()))
