@@ -1,0 +1,123 @@
+"""Transfer configuration, the KV layout fingerprint and the room states.
+
+Everything here is a value: frozen, validated on construction, never mutated. It must never
+import the engine; the engine hands the transfer layer tensors, page ids and these values.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+BACKENDS = ("ucx", "tcp", "cma")
+
+
+class TransferConfigError(ValueError):
+    """A transfer setting is invalid; the message names the field and its flag."""
+
+
+def _require(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise TransferConfigError(f"{name} (--transfer-{name.replace('_', '-')}): {message}")
+
+
+def default_backend() -> str:
+    """`ucx` where `ucxx` imports, else `tcp`."""
+    try:
+        import ucxx  # noqa: F401
+    except ImportError:
+        return "tcp"
+    return "ucx"
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """One node's transfer engine settings. Timeouts are seconds, per room state."""
+
+    backend: str = "tcp"  # ucx | tcp | cma (same-host process_vm_readv, TCP control)
+    host: str = "127.0.0.1"  # address to bind and to publish in the endpoint
+    port: int = 0  # 0: any free port
+    bootstrap_timeout: float = 30.0  # Bootstrapping: until both sides know the room
+    waiting_timeout: float = 300.0  # WaitingForInput: until the first KV arrives / is sent
+    transfer_timeout: float = 30.0  # Transferring: longest time without progress
+    connect_timeout: float = 5.0  # opening the control connection to a peer
+    token: str | None = None  # shared secret; when set, a peer must present the same one
+    min_run_bytes: int = 256 * 1024  # average contiguous run below this: gather into one message
+    chunk_bytes: int = 8 * 1024 * 1024  # largest single socket read/write or UCX message
+    ucx_error_handling: bool = True  # False: UCX may use cma (fast) but a peer crash aborts us
+    finished_rooms_kept: int = 65536  # finished room ids remembered to refuse reuse
+
+    def __post_init__(self) -> None:
+        _require(self.backend in BACKENDS, "backend", f"{self.backend!r} is not one of {', '.join(BACKENDS)}")
+        _require(bool(self.host), "host", "must not be empty")
+        _require(0 <= self.port <= 65535, "port", f"{self.port} is outside 0..65535")
+        for name in ("bootstrap_timeout", "waiting_timeout", "transfer_timeout", "connect_timeout"):
+            _require(getattr(self, name) > 0, name, f"{getattr(self, name)} must be positive")
+        _require(self.token is None or len(self.token) > 0, "token", "must be None or non-empty")
+        _require(self.min_run_bytes >= 0, "min_run_bytes", "must be >= 0")
+        _require(self.chunk_bytes >= 4096, "chunk_bytes", f"{self.chunk_bytes} is below 4096")
+        _require(self.finished_rooms_kept >= 1, "finished_rooms_kept", "must be >= 1")
+
+    def timeout_for(self, state: RoomState) -> float | None:
+        return {
+            RoomState.BOOTSTRAPPING: self.bootstrap_timeout,
+            RoomState.WAITING_FOR_INPUT: self.waiting_timeout,
+            RoomState.TRANSFERRING: self.transfer_timeout,
+        }.get(state)
+
+
+class RoomState(enum.IntEnum):
+    """Room states, in order; a room only moves forward, and FAILED is final."""
+
+    FAILED = 0
+    BOOTSTRAPPING = 1
+    WAITING_FOR_INPUT = 2
+    TRANSFERRING = 3
+    SUCCESS = 4
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RoomState.FAILED, RoomState.SUCCESS)
+
+
+@dataclass(frozen=True)
+class LayoutFingerprint:
+    """What two nodes must agree on to exchange KV pages (ARCHITECTURE.md, KV layout)."""
+
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    page_size: int
+    config_hash: str
+
+    @classmethod
+    def from_value(cls, value: Any) -> LayoutFingerprint:
+        """Accepts a LayoutFingerprint, a dict, or any object with the same attributes (KVLayout)."""
+        if isinstance(value, cls):
+            return value
+        names = [f.name for f in fields(cls)]
+        get = value.get if isinstance(value, dict) else lambda n: getattr(value, n, None)
+        missing = [n for n in names if get(n) is None]
+        if missing:
+            raise TransferConfigError(f"fingerprint: missing field(s) {', '.join(missing)}")
+        values: dict[str, Any] = {n: get(n) for n in names}
+        values["dtype"] = str(values["dtype"]).removeprefix("torch.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def mismatch(self, theirs: LayoutFingerprint) -> str | None:
+        """A readable reason naming the first differing field, or None when compatible."""
+        mine = self.to_dict()
+        other = theirs.to_dict()
+        for name, value in mine.items():
+            if other[name] != value:
+                return f"layout mismatch: {name} is {value!r} here and {other[name]!r} on the peer"
+        return None

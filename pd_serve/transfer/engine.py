@@ -1,0 +1,162 @@
+"""TransferEngine: one per node; owns the endpoint, the registered pools and the transfer thread.
+
+All network I/O runs on the engine's own thread and asyncio loop. The public methods are called
+from the scheduler thread; they validate, create the room handle and hand the work to the loop,
+and never wait on the network. See the package docstring for the call order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from pd_serve.transfer.config import LayoutFingerprint, TransferConfig
+from pd_serve.transfer.handles import KVReceiver, KVSender
+from pd_serve.transfer.layout import PoolSet
+from pd_serve.transfer.node import Node
+from pd_serve.transfer.plane import make_plane
+from pd_serve.transfer.room import Destination, Room
+
+START_TIMEOUT_S = 60.0
+
+
+class TransferEngine:
+    def __init__(self, config: TransferConfig, pools: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: Any) -> None:
+        self.config = config
+        self.fingerprint = LayoutFingerprint.from_value(fingerprint)
+        self.pools = PoolSet(list(pools), self.fingerprint)
+        if self.pools.device.type != "cpu" and config.backend != "ucx":
+            raise ValueError(f"backend: {config.backend!r} moves host memory only; use ucx for {self.pools.device} pools")
+        self._node: Node | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._port = 0
+        self._lock = threading.Lock()
+        self._claimed: dict[str, OrderedDict[int, Room]] = {"sender": OrderedDict(), "receiver": OrderedDict()}
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> TransferEngine:
+        if self._thread is not None:
+            raise RuntimeError("TransferEngine.start() called twice")
+        self._thread = threading.Thread(target=self._run, name="pd-transfer", daemon=True)
+        self._thread.start()
+        if not self._started.wait(START_TIMEOUT_S):
+            raise TimeoutError(f"transfer engine did not start within {START_TIMEOUT_S} s")
+        if self._start_error is not None:
+            raise RuntimeError(f"transfer engine failed to start: {self._start_error}") from self._start_error
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._startup())
+        except BaseException as exc:  # reported to start(); the thread ends
+            self._start_error = exc
+            self._started.set()
+            loop.close()
+            return
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _startup(self) -> None:
+        plane = make_plane(self.config)
+        await plane.start()
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((self.config.host, self.config.port))
+        lsock.listen(512)
+        lsock.setblocking(False)
+        self._lsock = lsock
+        self._port = lsock.getsockname()[1]
+        self._node = Node(self.config, self.pools, plane)
+        self._node.spawn(self._node.serve(lsock))
+        self._node.spawn(self._node.sweep())
+
+    @property
+    def endpoint(self) -> str:
+        """Address to publish in the bootstrap registry, e.g. `tcp://127.0.0.1:40123`."""
+        if not self._port:
+            raise RuntimeError("endpoint is known only after start()")
+        return f"{self.config.backend}://{self.config.host}:{self._port}"
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Fail nothing gracefully: drop connections, stop the loop, join the thread."""
+        loop, node = self._loop, self._node
+        if loop is None or self._thread is None or not self._thread.is_alive():
+            return
+
+        async def shutdown() -> None:
+            if node is not None:
+                await node.close()
+            self._lsock.close()
+            loop.stop()
+
+        loop.call_soon_threadsafe(lambda: loop.create_task(shutdown()))
+        self._thread.join(timeout)
+
+    def __enter__(self) -> TransferEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- rooms -----------------------------------------------------------------------------
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        if self._loop is None or self._loop.is_closed():
+            raise RuntimeError("transfer engine is not running; call start() first")
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _claim(self, role: str, room: Room) -> None:
+        claimed = self._claimed[role]
+        with self._lock:
+            if room.room in claimed:
+                raise ValueError(f"room {room.room}: already used by a {role} on this engine (duplicate room id)")
+            claimed[room.room] = room
+            while len(claimed) > self.config.finished_rooms_kept and not next(iter(claimed.values())).live:
+                claimed.popitem(last=False)
+
+    def receiver(
+        self, room: int, peer_endpoint: str, dst_page_ids: list[int], expected_tokens: int, prompt_hash: str
+    ) -> KVReceiver:
+        """Decode side: request `room`'s KV from the prefill engine at `peer_endpoint`."""
+        pages = [int(p) for p in dst_page_ids]
+        self.pools.check_pages(pages, "dst_page_ids")
+        if len(set(pages)) != len(pages):
+            raise ValueError("dst_page_ids: contains a page id twice")
+        needed = -(-int(expected_tokens) // self.fingerprint.page_size)
+        if expected_tokens < 1 or needed > len(pages):
+            raise ValueError(f"expected_tokens: {expected_tokens} needs {needed} pages, dst_page_ids has {len(pages)}")
+        record = Room(int(room), "receiver", self.config, destination=Destination(pages, int(expected_tokens), prompt_hash))
+        self._claim("receiver", record)
+        self._call(self._node_call("add_receiver"), record, peer_endpoint)
+        return KVReceiver(record, self._call, self._node)
+
+    def sender(self, room: int) -> KVSender:
+        """Prefill side: the handle for `room`; its destination arrives from the receiver."""
+        record = Room(int(room), "sender", self.config)
+        self._claim("sender", record)
+        self._call(self._node_call("add_sender"), record)
+        return KVSender(record, self._call, self._node, self.pools.num_layers, self.pools.num_pages)
+
+    def _node_call(self, name: str) -> Any:
+        if self._node is None:
+            raise RuntimeError("transfer engine is not running; call start() first")
+        return getattr(self._node, name)
+
+    def stats(self) -> dict[str, int]:
+        """Counters (dropped_messages, failed_rooms, sent_bytes, ...); a snapshot, may lag."""
+        return dict(self._node.stats) if self._node is not None else {}

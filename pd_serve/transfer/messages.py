@@ -1,0 +1,136 @@
+"""Every message two transfer engines exchange, and the one codec and frame format for them.
+
+A control frame is `[u32 header length][u64 payload length][header: orjson][payload bytes]`.
+Only the tcp data plane puts bytes in the payload; the others carry addresses or tags in the
+header and move the bytes out of band. This module must never touch sockets or tensors.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+PROTOCOL_VERSION = 1
+FRAME_PREFIX = struct.Struct("<IQ")  # header length, payload length
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+class MessageError(ValueError):
+    """A frame could not be decoded; the connection that sent it is closed."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Receiver side -> sender side, first frame on a new control connection."""
+
+    kind: ClassVar[str] = "hello"
+    version: int
+    backend: str
+    token: str | None
+    host_id: str
+    pid: int
+    ucx_address: str | None = None  # hex of the UCX worker address (ucx backend)
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    kind: ClassVar[str] = "hello_reply"
+    ok: bool
+    reason: str | None
+    host_id: str
+    pid: int
+    ucx_address: str | None = None
+    probe: list[int] | None = None  # cma: [address, length, checksum] of a buffer to read back
+
+
+@dataclass(frozen=True)
+class RoomRequest:
+    """Receiver -> sender: where the KV of `room` goes."""
+
+    kind: ClassVar[str] = "room_request"
+    room: int
+    fingerprint: dict[str, Any]
+    dst_page_ids: list[int]
+    expected_tokens: int
+    prompt_hash: str
+
+
+@dataclass(frozen=True)
+class RoomAccept:
+    """Sender -> receiver: a sender exists for the room and knows the destination."""
+
+    kind: ClassVar[str] = "room_accept"
+    room: int
+
+
+@dataclass(frozen=True)
+class RoomAbort:
+    """Either way: the room failed or was aborted on this side; the peer fails it too."""
+
+    kind: ClassVar[str] = "room_abort"
+    room: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Data:
+    """Sender -> receiver: KV of `layers` for the destination page runs `runs` ([start, count]).
+
+    Byte order of the data: for each layer, K then V, for each run, the run's pages in order.
+    `staged`: the sender gathered non-contiguous pages; the receiver may stage and scatter too.
+    """
+
+    kind: ClassVar[str] = "data"
+    room: int
+    seq: int
+    layers: list[int]  # [first, end)
+    runs: list[list[int]]
+    nbytes: int
+    staged: bool
+    src_iov: list[list[int]] | None = None  # cma: [address, length] in byte order
+    tag: int | None = None  # ucx: first tag; part i is sent with tag + i
+    parts: int = 1  # ucx: number of tag messages
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Sender -> receiver, after every Data of the room: the first token and its logprobs."""
+
+    kind: ClassVar[str] = "finish"
+    room: int
+    first_token: int
+    first_token_logprobs: dict[str, Any] | list[Any] | float | None
+    data_messages: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class FinishAck:
+    """Receiver -> sender: every byte landed and the room succeeded; source pages may be freed."""
+
+    kind: ClassVar[str] = "finish_ack"
+    room: int
+
+
+Message = Hello | HelloReply | RoomRequest | RoomAccept | RoomAbort | Data | Finish | FinishAck
+_KINDS: dict[str, type[Any]] = {
+    cls.kind: cls for cls in (Hello, HelloReply, RoomRequest, RoomAccept, RoomAbort, Data, Finish, FinishAck)
+}
+
+
+def encode(message: Message, payload_len: int = 0) -> bytes:
+    """Header prefix and JSON for one frame; the payload (if any) is written after it."""
+    body = orjson.dumps({"t": message.kind, **asdict(message)})
+    return FRAME_PREFIX.pack(len(body), payload_len) + body
+
+
+def decode(body: bytes) -> Message:
+    try:
+        raw = orjson.loads(body)
+        cls = _KINDS[raw.pop("t")]
+        return cls(**raw)  # type: ignore[no-any-return]
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise MessageError(f"undecodable control frame: {exc}") from exc

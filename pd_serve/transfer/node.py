@@ -1,0 +1,298 @@
+"""The loop side of a transfer engine: connections, the room registries and message handling.
+
+Everything here runs on the transfer engine's own event loop thread and nowhere else; the
+scheduler thread reaches it only through `loop.call_soon_threadsafe`. Sender-side operations live
+in `sending.py`; this module owns connections, handshakes, the receive path and timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import socket
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+from pd_serve.transfer.config import LayoutFingerprint, RoomState, TransferConfig
+from pd_serve.transfer.connection import Connection, ConnectionClosed
+from pd_serve.transfer.layout import PoolSet
+from pd_serve.transfer.messages import (
+    PROTOCOL_VERSION,
+    Hello,
+    HelloReply,
+    Message,
+    MessageError,
+    RoomAbort,
+    RoomAccept,
+    RoomRequest,
+)
+from pd_serve.transfer.plane import DataPlane
+from pd_serve.transfer.receiving import ReceivePath
+from pd_serve.transfer.room import Destination, Room
+from pd_serve.transfer.sending import SendPath
+
+SWEEP_INTERVAL_S = 0.05
+
+
+def host_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown"
+    return f"{socket.gethostname()}/{boot}"
+
+
+class Node(SendPath, ReceivePath):
+    def __init__(self, config: TransferConfig, pools: PoolSet, plane: DataPlane) -> None:
+        self.config, self.pools, self.plane = config, pools, plane
+        self.fingerprint: LayoutFingerprint = pools.fingerprint
+        self.receivers: dict[int, Room] = {}
+        self.senders: dict[int, Room] = {}
+        self.pending: dict[int, tuple[Connection, RoomRequest, float]] = {}  # requests before sender()
+        self.refused: OrderedDict[int, str] = OrderedDict()  # room -> reason, refused before sender()
+        self.finished: OrderedDict[int, None] = OrderedDict()
+        self.conns: dict[str, asyncio.Task[Connection]] = {}
+        self.inbound: set[Connection] = set()
+        self.stats: Counter[str] = Counter()
+        self.host_id = host_id()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- listening and connections -------------------------------------------------------
+
+    async def serve(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, addr = await loop.sock_accept(lsock)
+            conn = Connection(sock, f"{addr[0]}:{addr[1]}", outbound=False, chunk_bytes=self.config.chunk_bytes)
+            self.inbound.add(conn)
+            self.spawn(self._run_conn(conn))
+
+    async def _run_conn(self, conn: Connection) -> None:
+        reason = "closed"
+        try:
+            await conn.run_reader(self.handle)
+        except (ConnectionClosed, OSError, MessageError) as exc:
+            reason = str(exc) or type(exc).__name__
+        finally:
+            conn.close(reason)
+            conn.sock.close()
+            self.inbound.discard(conn)
+            self._on_conn_lost(conn, reason)
+
+    def _on_conn_lost(self, conn: Connection, reason: str) -> None:
+        self.plane.close_connection(conn)
+        for room_id in list(conn.rooms):
+            room = self.receivers.get(room_id) or self.senders.get(room_id)
+            if room is not None and room.conn is conn:
+                self.fail(room, f"peer {conn.peer} disconnected: {reason}", notify=False)
+        for room_id in [r for r, (c, _, _) in self.pending.items() if c is conn]:
+            del self.pending[room_id]
+        for endpoint, task in list(self.conns.items()):
+            if task.done() and not task.cancelled() and task.exception() is None and task.result() is conn:
+                del self.conns[endpoint]
+
+    async def connect(self, endpoint: str) -> Connection:
+        """The control connection to `endpoint`, opened and greeted once, then shared."""
+        task = self.conns.get(endpoint)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self.spawn(self._open(endpoint))
+            self.conns[endpoint] = task
+        return await asyncio.shield(task)
+
+    async def _open(self, endpoint: str) -> Connection:
+        scheme, _, address = endpoint.partition("://")
+        if scheme != self.plane.name:
+            raise ConnectionError(f"peer endpoint {endpoint!r} uses backend {scheme!r}, this engine uses {self.plane.name!r}")
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (host, int(port))), self.config.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        conn = Connection(sock, endpoint, outbound=True, chunk_bytes=self.config.chunk_bytes)
+        self.spawn(self._run_conn(conn))
+        hello = Hello(PROTOCOL_VERSION, self.plane.name, self.config.token, self.host_id, os.getpid(), **self.plane.hello_fields(conn))
+        await conn.send(hello)
+        await asyncio.wait_for(asyncio.shield(conn.ready), self.config.connect_timeout)
+        return conn
+
+    # ---- dispatch ------------------------------------------------------------------------
+
+    async def handle(self, conn: Connection, msg: Message, payload_len: int) -> None:
+        if isinstance(msg, Hello | HelloReply):
+            await self._on_hello(conn, msg)
+        elif conn.hello is None:
+            raise MessageError(f"{msg.kind} before the handshake from {conn.peer}")
+        elif isinstance(msg, RoomRequest) and not conn.outbound:
+            self._on_request(conn, msg)
+        elif isinstance(msg, RoomAbort):
+            self._on_abort(conn, msg)
+        else:
+            await self.on_room_message(conn, msg, payload_len)
+
+    async def _on_hello(self, conn: Connection, msg: Hello | HelloReply) -> None:
+        if conn.hello is not None:
+            raise MessageError(f"second handshake from {conn.peer}")
+        if isinstance(msg, HelloReply):
+            if not msg.ok:
+                raise ConnectionClosed(f"peer refused the connection: {msg.reason}")
+            conn.hello = msg
+            reason = await self.plane.on_hello(conn, msg)
+            if reason is not None:
+                raise ConnectionClosed(reason)
+            conn.ready.set_result(True)
+            return
+        reason = self._hello_refusal(msg)
+        if reason is None:
+            conn.hello = msg
+            reason = await self.plane.on_hello(conn, msg)
+        ok = reason is None
+        extra = self.plane.hello_fields(conn) if ok else {}
+        await conn.send(HelloReply(ok, reason, self.host_id, os.getpid(), **extra))
+        if not ok:
+            self.stats["refused_connections"] += 1
+            raise ConnectionClosed(f"refused {conn.peer}: {reason}")
+        conn.ready.set_result(True)
+
+    def _hello_refusal(self, msg: Hello) -> str | None:
+        if msg.version != PROTOCOL_VERSION:
+            return f"protocol version {msg.version} is not {PROTOCOL_VERSION}"
+        if msg.backend != self.plane.name:
+            return f"backend {msg.backend!r} differs from this engine's {self.plane.name!r}"
+        expected = self.config.token
+        if expected is not None and not hmac.compare_digest((msg.token or "").encode(), expected.encode()):
+            return "authentication failed: the transfer token does not match (--transfer-token)"
+        return None
+
+    # ---- room handshake (sender side) ------------------------------------------------------
+
+    def _on_request(self, conn: Connection, msg: RoomRequest) -> None:
+        reason = self._request_refusal(msg)
+        if reason is not None:
+            self.stats["refused_rooms"] += 1
+            conn.send_soon(RoomAbort(msg.room, reason))
+            room = self.senders.get(msg.room)
+            if room is not None and room.destination is None:
+                self.fail(room, reason, notify=False)
+            elif room is None and msg.room not in self.pending:
+                self._remember_refusal(msg.room, reason)
+            return
+        room = self.senders.get(msg.room)
+        if room is None:
+            self.pending[msg.room] = (conn, msg, time.monotonic() + self.config.bootstrap_timeout)
+        else:
+            self.bind_sender(room, conn, msg)
+
+    def _request_refusal(self, msg: RoomRequest) -> str | None:
+        room = self.senders.get(msg.room)
+        if msg.room in self.pending or msg.room in self.finished or (room is not None and room.destination is not None):
+            return f"duplicate room {msg.room}: a receiver already claimed it"
+        try:
+            theirs = LayoutFingerprint.from_value(msg.fingerprint)
+        except (ValueError, TypeError) as exc:
+            return f"bad fingerprint: {exc}"
+        mismatch = self.fingerprint.mismatch(theirs)
+        if mismatch is not None:
+            return mismatch
+        needed = -(-msg.expected_tokens // self.fingerprint.page_size)
+        if msg.expected_tokens < 1 or needed > len(msg.dst_page_ids):
+            return f"dst_page_ids: {len(msg.dst_page_ids)} pages cannot hold expected_tokens={msg.expected_tokens}"
+        return None
+
+    def _remember_refusal(self, room_id: int, reason: str) -> None:
+        self.refused[room_id] = reason
+        while len(self.refused) > self.config.finished_rooms_kept:
+            self.refused.popitem(last=False)
+
+    def add_sender(self, room: Room) -> None:
+        if room.room in self.refused:
+            self.fail(room, self.refused.pop(room.room), notify=False)
+            return
+        self.senders[room.room] = room
+        pending = self.pending.pop(room.room, None)
+        if pending is not None:
+            self.bind_sender(room, pending[0], pending[1])
+
+    def bind_sender(self, room: Room, conn: Connection, msg: RoomRequest) -> None:
+        room.destination = Destination(list(msg.dst_page_ids), msg.expected_tokens, msg.prompt_hash)
+        room.conn = conn
+        conn.rooms.add(room.room)
+        room.advance(RoomState.WAITING_FOR_INPUT)
+        conn.send_soon(RoomAccept(room.room))
+
+    def _on_abort(self, conn: Connection, msg: RoomAbort) -> None:
+        room = (self.receivers if conn.outbound else self.senders).get(msg.room)
+        if room is not None and room.conn is conn:
+            self.fail(room, f"peer aborted the room: {msg.reason}", notify=False)
+        elif not conn.outbound and msg.room in self.pending and self.pending[msg.room][0] is conn:
+            del self.pending[msg.room]
+            self._remember_refusal(msg.room, f"peer aborted the room: {msg.reason}")
+        else:
+            self.drop(msg)
+
+    # ---- both sides ------------------------------------------------------------------------
+
+    def drop(self, msg: Message) -> None:
+        """A message for an unknown or finished room: counted, never applied."""
+        self.stats["dropped_messages"] += 1
+        self.stats[f"dropped_{msg.kind}"] += 1
+
+    def abort(self, room: Room, reason: str) -> None:
+        self.fail(room, reason, notify=True)
+
+    def fail(self, room: Room, reason: str, notify: bool) -> None:
+        if not room.fail(reason):
+            return
+        self.stats["failed_rooms"] += 1
+        conn = room.conn
+        if notify and conn is not None and not conn.closed:
+            conn.send_soon(RoomAbort(room.room, reason))
+        self.retire(room)
+
+    def retire(self, room: Room) -> None:
+        registry = self.senders if room.role == "sender" else self.receivers
+        if registry.get(room.room) is room:
+            del registry[room.room]
+        if room.conn is not None:
+            room.conn.rooms.discard(room.room)
+        self.finished[room.room] = None
+        while len(self.finished) > self.config.finished_rooms_kept:
+            self.finished.popitem(last=False)
+
+    async def sweep(self) -> None:
+        """Fail every room whose state outlived its timeout; expire early requests."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            for room in [*self.receivers.values(), *self.senders.values()]:
+                if room.expired(now):
+                    self.fail(room, room.timeout_reason(), notify=True)
+            for room_id, (conn, _, deadline) in list(self.pending.items()):
+                if now > deadline:
+                    del self.pending[room_id]
+                    seconds = self.config.bootstrap_timeout
+                    conn.send_soon(RoomAbort(room_id, f"no sender for the room within {seconds} s (bootstrap_timeout)"))
+
+    async def close(self) -> None:
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self.inbound):
+            conn.close("engine closed")
+        for task in self.conns.values():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().close("engine closed")
+        await self.plane.close()

@@ -1,0 +1,93 @@
+"""The data plane interface and the tcp data plane: how KV bytes travel after a Data header.
+
+Every plane runs on the transfer engine's event loop. A plane writes into destination pages only
+while `live()` is true, and returns only when no write into them can happen any more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pd_serve.transfer.config import TransferConfig
+from pd_serve.transfer.connection import Connection
+from pd_serve.transfer.messages import Data
+
+
+def byte_view(t: torch.Tensor) -> Any:
+    """A contiguous tensor as bytes: a uint8 numpy array on CPU, a uint8 tensor on CUDA."""
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+class DataPlane:
+    """Base class; subclasses move the bytes. `gathers`: the sender may gather into staging;
+    `stages_receive`: the receiver reads a staged message into staging and scatters it."""
+
+    name = "base"
+    gathers = True
+    stages_receive = True
+
+    def __init__(self, config: TransferConfig) -> None:
+        self.config = config
+
+    async def start(self) -> None:
+        return None
+
+    def hello_fields(self, conn: Connection | None) -> dict[str, Any]:
+        return {}
+
+    async def on_hello(self, conn: Connection, peer: Any) -> str | None:
+        """Set up the plane for a new connection; returns a failure reason or None."""
+        return None
+
+    async def send_data(self, conn: Connection, header: Data, views: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    async def receive(
+        self, conn: Connection, header: Data, payload_len: int, views: list[torch.Tensor], live: Callable[[], bool]
+    ) -> bool:
+        raise NotImplementedError
+
+    async def discard(self, conn: Connection, header: Data, payload_len: int) -> None:
+        """Consume a Data message that no room will take."""
+        await conn.discard(payload_len)
+
+    def close_connection(self, conn: Connection) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class TcpPlane(DataPlane):
+    """Bytes follow the Data header on the control socket: sendall from, recv_into the views."""
+
+    name = "tcp"
+
+    async def send_data(self, conn: Connection, header: Data, views: list[torch.Tensor]) -> None:
+        await conn.send(header, [byte_view(v) for v in views])
+
+    async def receive(
+        self, conn: Connection, header: Data, payload_len: int, views: list[torch.Tensor], live: Callable[[], bool]
+    ) -> bool:
+        if payload_len != sum(v.numel() * v.element_size() for v in views):
+            raise ConnectionError(f"Data payload of {payload_len} bytes does not match its {header.nbytes}-byte header")
+        ok = True
+        for view in views:
+            ok = await conn.read_into(memoryview(byte_view(view)), live) and ok
+        return ok
+
+
+def make_plane(config: TransferConfig) -> DataPlane:
+    if config.backend == "tcp":
+        return TcpPlane(config)
+    if config.backend == "cma":
+        from pd_serve.transfer.cma_plane import CmaPlane
+
+        return CmaPlane(config)
+    from pd_serve.transfer.ucx_plane import UcxPlane
+
+    return UcxPlane(config)

@@ -1,0 +1,154 @@
+"""Receiver-side operations of the loop (a mixin of `Node`): request KV, take Data, check Finish.
+
+Data is written only into the pages of a live room bound to the connection it came on; anything
+else is consumed, dropped and counted. Success needs the Finish of the same room, every Data it
+announces, and every (layer, page) the expected tokens cover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import torch
+
+from pd_serve.transfer.config import LayoutFingerprint, RoomState, TransferConfig
+from pd_serve.transfer.connection import Connection, ConnectionClosed
+from pd_serve.transfer.layout import PoolSet, expand
+from pd_serve.transfer.messages import Data, Finish, FinishAck, Message, RoomAccept, RoomRequest
+from pd_serve.transfer.plane import DataPlane
+from pd_serve.transfer.room import Room
+
+
+class ReceivePath:
+    config: TransferConfig
+    pools: PoolSet
+    plane: DataPlane
+    fingerprint: LayoutFingerprint
+    receivers: dict[int, Room]
+    stats: Counter[str]
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        raise NotImplementedError
+
+    def fail(self, room: Room, reason: str, notify: bool) -> None:
+        raise NotImplementedError
+
+    def retire(self, room: Room) -> None:
+        raise NotImplementedError
+
+    def drop(self, msg: Any) -> None:
+        raise NotImplementedError
+
+    async def connect(self, endpoint: str) -> Connection:
+        raise NotImplementedError
+
+    def on_finish_ack(self, conn: Any, msg: FinishAck) -> None:
+        raise NotImplementedError
+
+    def add_receiver(self, room: Room, endpoint: str) -> None:
+        assert room.destination is not None
+        room.coverage = torch.zeros((self.pools.num_layers, len(room.destination.page_ids)), dtype=torch.bool)
+        self.receivers[room.room] = room
+        self.spawn(self._bootstrap(room, endpoint))
+
+    async def _bootstrap(self, room: Room, endpoint: str) -> None:
+        try:
+            conn = await self.connect(endpoint)
+        except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
+            self.fail(room, f"cannot connect to {endpoint}: {exc or type(exc).__name__}", notify=False)
+            return
+        if not room.live:
+            return
+        room.conn = conn
+        conn.rooms.add(room.room)
+        dest = room.destination
+        assert dest is not None
+        request = RoomRequest(room.room, self.fingerprint.to_dict(), dest.page_ids, dest.expected_tokens, dest.prompt_hash)
+        try:
+            await conn.send(request)
+        except (OSError, ConnectionClosed) as exc:
+            self.fail(room, f"sending the room request to {endpoint} failed: {exc}", notify=False)
+
+    async def on_room_message(self, conn: Connection, msg: Message, payload_len: int) -> None:
+        if isinstance(msg, FinishAck) and not conn.outbound:
+            self.on_finish_ack(conn, msg)
+            return
+        room = self.receivers.get(getattr(msg, "room", -1)) if conn.outbound else None
+        if room is None or room.conn is not conn or not room.live:
+            self.drop(msg)
+            if isinstance(msg, Data):
+                await self.plane.discard(conn, msg, payload_len)
+            return
+        if isinstance(msg, RoomAccept):
+            room.advance(RoomState.WAITING_FOR_INPUT)
+        elif isinstance(msg, Data):
+            await self._on_data(conn, room, msg, payload_len)
+        elif isinstance(msg, Finish):
+            self._on_finish(conn, room, msg)
+        else:
+            self.drop(msg)
+
+    def _check_data(self, room: Room, msg: Data) -> str | None:
+        assert room.destination is not None
+        n_dst = len(room.destination.page_ids)
+        first, end = msg.layers
+        if not 0 <= first < end <= self.pools.num_layers:
+            return f"Data layers {msg.layers} outside 0..{self.pools.num_layers}"
+        if any(start < 0 or count < 1 or start + count > self.pools.num_pages for start, count in msg.runs):
+            return f"Data runs {msg.runs[:4]} outside the pool of {self.pools.num_pages} pages"
+        pages = expand(msg.runs)
+        if not set(pages) <= set(room.destination.page_ids):
+            return "Data names pages that are not this room's destination pages"
+        if msg.nbytes != (end - first) * 2 * len(pages) * self.pools.page_bytes or n_dst == 0:
+            return f"Data nbytes {msg.nbytes} does not match its runs"
+        return None
+
+    async def _on_data(self, conn: Connection, room: Room, msg: Data, payload_len: int) -> None:
+        reason = self._check_data(room, msg)
+        if reason is not None:
+            self.fail(room, reason, notify=True)
+            await self.plane.discard(conn, msg, payload_len)
+            return
+        room.advance(RoomState.TRANSFERRING)
+        layers = range(*msg.layers)
+        pages = expand(msg.runs)
+        stage = msg.staged and self.plane.stages_receive
+        views = [self.pools.staging(layers, len(pages))] if stage else self.pools.run_views(layers, [(r[0], r[1]) for r in msg.runs])
+        room.inflight_writes += 1
+        try:
+            ok = await self.plane.receive(conn, msg, payload_len, views, lambda: room.live)
+            if ok and stage and room.live:
+                await asyncio.to_thread(self.pools.scatter, views[0], layers, pages)
+        finally:
+            room.inflight_writes -= 1
+        if ok and room.live:
+            self._record(room, msg, layers, pages)
+
+    def _record(self, room: Room, msg: Data, layers: range, pages: list[int]) -> None:
+        assert room.destination is not None and room.coverage is not None
+        index = {p: i for i, p in enumerate(room.destination.page_ids)}
+        cols = torch.tensor([index[p] for p in pages], dtype=torch.int64)
+        room.coverage[layers.start : layers.stop, cols] = True
+        room.data_done += 1
+        room.bytes_done += msg.nbytes
+        room.touch()
+        self.stats["received_bytes"] += msg.nbytes
+
+    def _on_finish(self, conn: Connection, room: Room, msg: Finish) -> None:
+        if msg.room != room.room:
+            self.fail(room, f"completion for room {msg.room} arrived on room {room.room}", notify=True)
+            return
+        if (msg.data_messages, msg.nbytes) != (room.data_done, room.bytes_done):
+            got = f"{room.data_done} messages / {room.bytes_done} bytes"
+            self.fail(room, f"completion announces {msg.data_messages} messages / {msg.nbytes} bytes, got {got}", notify=True)
+            return
+        missing = room.missing_coverage(self.fingerprint.page_size)
+        if missing is not None:
+            self.fail(room, missing, notify=True)
+            return
+        room.first_token, room.first_token_logprobs = msg.first_token, msg.first_token_logprobs
+        room.advance(RoomState.SUCCESS)
+        conn.send_soon(FinishAck(room.room))
+        self.retire(room)
