@@ -51,8 +51,8 @@ class DataPlane:
     ) -> bool:
         raise NotImplementedError
 
-    async def discard(self, conn: Connection, header: Data, payload_len: int) -> None:
-        """Consume a Data message that no room will take."""
+    async def discard(self, conn: Connection, header: Data, payload_len: int, part_bytes: list[int]) -> None:
+        """Consume a Data message that no room will take; `part_bytes`: its regions' sizes."""
         await conn.discard(payload_len)
 
     def close_connection(self, conn: Connection) -> None:

@@ -79,7 +79,7 @@ class ReceivePath:
         if room is None or room.conn is not conn or not room.live:
             self.drop(msg)
             if isinstance(msg, Data):
-                await self.plane.discard(conn, msg, payload_len)
+                await self.plane.discard(conn, msg, payload_len, self._part_bytes(msg))
             return
         if isinstance(msg, RoomAccept):
             room.advance(RoomState.WAITING_FOR_INPUT)
@@ -89,6 +89,13 @@ class ReceivePath:
             self._on_finish(conn, room, msg)
         else:
             self.drop(msg)
+
+    def _part_bytes(self, msg: Data) -> list[int]:
+        """Sizes of the regions a Data message moves, in order (what the sender's views were)."""
+        if msg.staged or msg.parts == 1:
+            return [msg.nbytes]
+        per_layer = [count * self.pools.page_bytes for _, count in msg.runs]
+        return per_layer * (2 * (msg.layers[1] - msg.layers[0]))
 
     def _check_data(self, room: Room, msg: Data) -> str | None:
         assert room.destination is not None
@@ -109,7 +116,7 @@ class ReceivePath:
         reason = self._check_data(room, msg)
         if reason is not None:
             self.fail(room, reason, notify=True)
-            await self.plane.discard(conn, msg, payload_len)
+            await self.plane.discard(conn, msg, payload_len, self._part_bytes(msg))
             return
         room.advance(RoomState.TRANSFERRING)
         layers = range(*msg.layers)

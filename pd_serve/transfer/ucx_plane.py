@@ -1,0 +1,135 @@
+"""The ucx data plane: KV bytes as ucxx tag messages, control frames on the TCP connection.
+
+Endpoints are made from worker addresses exchanged in the Hello (not through a UCX listener), and
+each Data header names a 64-bit tag base (connection nonce << 32 | counter): part i of a message
+is one tag message into one destination run view (or one staging buffer). Host memory here; CUDA
+pools work the same way (ucxx takes `__cuda_array_interface__`) over cuda_ipc or RDMA.
+
+UCX settings (measured on the 2-core dev VM, 256 MiB between two processes, see
+bench/bench_transfer.py): the defaults pick `tcp/lo` for the rendezvous data (~0.3-0.6 GB/s),
+because ucxx enables peer error handling and UCX then refuses the cma and posix single-copy
+paths. With `ucx_error_handling=False` UCX uses "rendezvous zero-copy read from remote" over
+cma (one process_vm_readv copy, 2-3 GB/s with `CMA_SEG_SIZE` raised from 512K to 8M), but a
+peer crash during a transfer then aborts this process inside UCX (measured: SIGABRT after
+"process_vm_readv ... No such process"), so it stays opt-in. We therefore set:
+`TLS=tcp,cma,sm,self` (cma/sm used when allowed), `RNDV_SCHEME=get_zcopy` (the receiver pulls into
+its pages: one copy), `CMA_SEG_SIZE=8M` (fewer, larger reads), progress mode `thread` (ucxx's
+progress thread; `blocking` was comparable, `polling` and `thread-polling` burn a core we do not
+have), and `WARN_UNUSED_ENV_VARS=n`. UCX_* environment variables override these. On GPU nodes add
+`cuda_copy,cuda_ipc` (or rc) to UCX_TLS. For the fastest safe same-host path use the cma backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pd_serve.transfer.config import TransferConfig
+from pd_serve.transfer.connection import Connection
+from pd_serve.transfer.messages import Data
+from pd_serve.transfer.plane import DataPlane, byte_view
+
+UCX_OPTIONS = {
+    "TLS": "tcp,cma,sm,self",
+    "RNDV_SCHEME": "get_zcopy",
+    "CMA_SEG_SIZE": "8M",
+    "WARN_UNUSED_ENV_VARS": "n",
+}
+PROGRESS_MODE = "thread"
+
+
+class _Peer:
+    def __init__(self, nonce: int) -> None:
+        self.nonce = nonce
+        self.endpoint: Any = None
+        self.counter = itertools.count()
+
+    def next_tag(self, parts: int) -> int:
+        start = next(self.counter)
+        for _ in range(parts - 1):
+            next(self.counter)
+        return (self.nonce << 32) | (start & 0xFFFFFFFF)
+
+
+class UcxPlane(DataPlane):
+    name = "ucx"
+
+    def __init__(self, config: TransferConfig) -> None:
+        super().__init__(config)
+        self._ucxx: Any = None
+
+    async def start(self) -> None:
+        import ucxx
+
+        mode = os.environ.get("UCXPY_PROGRESS_MODE", PROGRESS_MODE)
+        # RuntimeError: already initialised by another engine in this process; share its context
+        with contextlib.suppress(RuntimeError):
+            ucxx.init(options=UCX_OPTIONS, env_takes_precedence=True, progress_mode=mode)
+        self._ucxx = ucxx
+        self._address = ucxx.get_worker_address().tobytes().hex()
+
+    def hello_fields(self, conn: Connection | None) -> dict[str, Any]:
+        if conn is None:
+            return {"ucx_address": self._address}
+        if conn.outbound and conn.plane_state is None:
+            conn.plane_state = _Peer(int.from_bytes(os.urandom(4), "little"))
+        return {"ucx_address": f"{conn.plane_state.nonce:08x}:{self._address}"}
+
+    async def on_hello(self, conn: Connection, peer: Any) -> str | None:
+        nonce_hex, _, address = (peer.ucx_address or "").rpartition(":")
+        if not address:
+            return "ucx peer sent no worker address"
+        if not conn.outbound:
+            conn.plane_state = _Peer(int(nonce_hex, 16))
+        addr = self._ucxx.get_ucx_address_from_buffer(bytes.fromhex(address))
+        try:
+            conn.plane_state.endpoint = await self._ucxx.create_endpoint_from_worker_address(
+                addr, endpoint_error_handling=self.config.ucx_error_handling
+            )
+        except Exception as exc:  # ucxx raises its own exception types
+            return f"ucx endpoint to {conn.peer} failed: {exc}"
+        return None
+
+    async def send_data(self, conn: Connection, header: Data, views: list[torch.Tensor]) -> None:
+        peer: _Peer = conn.plane_state
+        tag = peer.next_tag(len(views))
+        await conn.send(Data(**{**header.__dict__, "tag": tag, "parts": len(views)}))
+        ep = peer.endpoint
+        await asyncio.gather(*[ep.send(byte_view(v), tag=tag + i, force_tag=True) for i, v in enumerate(views)])
+
+    async def receive(
+        self, conn: Connection, header: Data, payload_len: int, views: list[torch.Tensor], live: Callable[[], bool]
+    ) -> bool:
+        if header.tag is None or header.parts != len(views):
+            raise ConnectionError(f"ucx Data with {header.parts} parts for {len(views)} destination regions")
+        targets = [byte_view(v) for v in views] if live() else [self._scratch(v) for v in views]
+        await self._recv_all(conn, header.tag, targets)
+        return live()
+
+    async def discard(self, conn: Connection, header: Data, payload_len: int, part_bytes: list[int]) -> None:
+        if header.tag is not None and conn.plane_state is not None:
+            await self._recv_all(conn, header.tag, [torch.empty(n, dtype=torch.uint8).numpy() for n in part_bytes])
+
+    def _scratch(self, view: torch.Tensor) -> Any:
+        return torch.empty(view.numel() * view.element_size(), dtype=torch.uint8, device=view.device).numpy()
+
+    async def _recv_all(self, conn: Connection, tag: int, targets: list[Any]) -> None:
+        ep = conn.plane_state.endpoint
+        recvs = asyncio.gather(*[ep.recv(t, tag=tag + i, force_tag=True) for i, t in enumerate(targets)])
+        try:
+            await asyncio.wait_for(recvs, self.config.transfer_timeout)
+        except asyncio.TimeoutError:
+            ep.abort()  # cancels the posted receives, so nothing writes into the pages afterwards
+            raise ConnectionError(f"ucx receive from {conn.peer} made no progress within transfer_timeout") from None
+
+    def close_connection(self, conn: Connection) -> None:
+        peer = conn.plane_state
+        if isinstance(peer, _Peer) and peer.endpoint is not None:
+            peer.endpoint.abort()
+            peer.endpoint = None
