@@ -25,7 +25,8 @@ HTTP API (JSON bodies; with a token configured every route but /health needs
 - `GET /v1/nodes[?role=R]`: 200 `{"nodes": [record, ...], "etag": "<tag>"}` sorted by node_id, and
   header `ETag: "<tag>"`. The tag changes on a join, leave, expiry or re-registration, not on heartbeats.
   `&wait=<tag>&timeout=S` (S <= 60, default 30) answers as soon as the tag differs from `wait`, or after
-  S seconds with the unchanged list; a join or an expiry is seen within the poll interval (0.2 s).
+  S seconds with the unchanged list; a change through this replica wakes it at once; one through
+  another replica, or an expiry, within 1.5 x the poll interval (0.5 s).
 - `GET /v1/nodes/{node_id}`: 200 + record; 404 when unknown or expired.
 - `GET /v1/pairs/check?prefill=ID&decode=ID`: 200 `{"compatible": bool, "prefill": ID, "decode": ID,
   "field": null | "role" | "layout.<name>" | "tp_size", "prefill_value": ..., "decode_value": ...,
@@ -79,17 +80,26 @@ class ChangeSignal:
     def __init__(self) -> None:
         self._event = asyncio.Event()
 
+    def ticket(self) -> asyncio.Event:
+        """Take before reading the store, wait on after: a change in between is not missed."""
+        return self._event
+
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
 
-    async def wait(self, timeout: float) -> None:
+    @staticmethod
+    async def wait(ticket: asyncio.Event, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):  # the caller re-reads the store either way
-            await asyncio.wait_for(self._event.wait(), timeout)
+            await asyncio.wait_for(ticket.wait(), timeout)
 
 
 class Registry:
-    """The service behind the routes: a store, the metrics and the change signal."""
+    """The service behind the routes: a store, the metrics, the change signal and a shared snapshot.
+
+    Long-polls re-read the store only through `nodes(max_age)`, so however many are waiting, the store
+    is read at most twice per poll interval (a listing of 1000 Redis records costs tens of ms).
+    """
 
     def __init__(self, config: BootstrapConfig, metrics: BootstrapMetrics) -> None:
         self.config = config
@@ -98,24 +108,50 @@ class Registry:
             config.store, config.node_ttl, config.max_nodes, self._expired, redis_prefix=config.redis_prefix
         )
         self.changes = ChangeSignal()
+        self._snapshot: list[NodeRecord] | None = None
+        self._snapshot_at = 0.0
+        self._snapshot_lock = asyncio.Lock()
+        self._generation = 0  # bumped by changed(): a read that overlapped a change is not kept
 
     def _expired(self, node_id: str) -> None:
         self.metrics.on_expire(node_id)
         log.info("node %s expired", node_id)
 
-    async def listing(self, role: Role | None) -> NodeList:
-        nodes = [n for n in await self.store.list() if role is None or n.role == role]
+    def changed(self) -> None:
+        """This replica changed the set: drop the snapshot and wake the long-polls."""
+        self._generation += 1
+        self._snapshot = None
+        self.changes.notify()
+
+    async def nodes(self, max_age: float = 0.0) -> list[NodeRecord]:
+        """Live nodes, from a snapshot at most `max_age` seconds old (0: read the store)."""
+        if max_age <= 0:
+            return await self.store.list()
+        async with self._snapshot_lock:
+            now = asyncio.get_running_loop().time()
+            if self._snapshot is not None and now - self._snapshot_at < max_age:
+                return self._snapshot
+            generation = self._generation
+            nodes = await self.store.list()
+            if generation == self._generation:
+                self._snapshot, self._snapshot_at = nodes, now
+            return nodes
+
+    async def listing(self, role: Role | None, max_age: float = 0.0) -> NodeList:
+        nodes = [n for n in await self.nodes(max_age) if role is None or n.role == role]
         return NodeList(nodes=nodes, etag=list_etag(nodes))
 
     async def wait_for_change(self, role: Role | None, etag: str, timeout: float) -> NodeList:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        interval = self.config.poll_interval
         while True:
-            current = await self.listing(role)
+            ticket = self.changes.ticket()
+            current = await self.listing(role, max_age=interval / 2)
             remaining = deadline - loop.time()
             if current.etag != etag or remaining <= 0:
                 return current
-            await self.changes.wait(min(self.config.poll_interval, remaining))
+            await self.changes.wait(ticket, min(interval, remaining))
 
 
 def _json(model: NodeRecord | NodeList, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -188,7 +224,7 @@ def _add_node_routes(app: FastAPI, registry: Registry) -> None:
             return JSONResponse({"detail": str(exc)}, status_code=507)
         metrics.registrations.labels(kind="new" if result.created else "refresh").inc()
         if result.created:
-            registry.changes.notify()
+            registry.changed()
             log.info("node %s registered (%s, %s)", node_id, registration.role, registration.http_url)
         return _json(result.record, status=201 if result.created else 200)
 
@@ -207,7 +243,7 @@ def _add_node_routes(app: FastAPI, registry: Registry) -> None:
     async def delete_node(node_id: NodeId) -> Response:
         if not await store.delete(node_id):
             return _not_found(f"node {node_id!r} is unknown or expired")
-        registry.changes.notify()
+        registry.changed()
         log.info("node %s left", node_id)
         return Response(status_code=204)
 

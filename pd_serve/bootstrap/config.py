@@ -35,7 +35,7 @@ class BootstrapConfig:
     node_ttl: float = 10.0  # seconds after the last heartbeat
     max_nodes: int = 4096
     max_body_bytes: int = 64 * 1024
-    poll_interval: float = 0.2  # how often a long-poll re-reads the store (other replicas, expiries)
+    poll_interval: float = 0.5  # how often long-polls look for changes made elsewhere (replicas, expiries)
     redis_prefix: str = "pd-serve:bootstrap"
     log_level: str = "info"
 
