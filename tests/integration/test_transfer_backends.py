@@ -127,10 +127,19 @@ def test_duplicate_room_is_refused(peer, decode) -> None:  # type: ignore[no-unt
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kill_9_of_prefill_fails_decode_rooms(backend: str) -> None:
-    victim = Peer(backend, DTYPE, SEED, None)
+def test_float32_then_kill_9_of_prefill_fails_decode_rooms(backend: str) -> None:
+    victim = Peer(backend, "float32", SEED + 1, None)
     try:
-        with TransferEngine(config(backend, None), make_pools(DTYPE, None), fingerprint(DTYPE)) as engine:
+        with TransferEngine(config(backend, None), make_pools("float32", None), fingerprint("float32")) as engine:
+            (room,) = _rooms(1)
+            src, dst = [40, 3, 17, 18], [60, 61, 2, 90]
+            victim.expect(room, src, "split")
+            rx = engine.receiver(room, victim.endpoint, dst, 15, "h")
+            assert wait_terminal([rx]) == [RoomState.SUCCESS], rx.failure_reason
+            want = make_pools("float32", SEED + 1)
+            for layer in range(NUM_LAYERS):
+                for kv in range(2):
+                    assert torch.equal(engine.pools.pools[layer][kv][dst], want[layer][kv][src])
             rooms = _rooms(4)
             for i, room in enumerate(rooms):
                 victim.expect(room, [2 * i, 2 * i + 1], "partial")
@@ -140,5 +149,6 @@ def test_kill_9_of_prefill_fails_decode_rooms(backend: str) -> None:
             victim.kill()
             assert wait_terminal(handles, timeout=TIMEOUT_S + 3) == [RoomState.FAILED] * 4
             assert time.monotonic() - killed_at < TIMEOUT_S + 3
+            assert all(h.failure_reason for h in handles)
     finally:
         victim.kill()
