@@ -16,6 +16,9 @@ HTTP API (JSON bodies; with a token configured every route but /health needs
      "node_id": "prefill-0",
      "registered_at": 1718000000.1, "updated_at": 1718000004.2, "expires_at": 1718000014.2}
 
+`node_id` is 1-128 characters of [A-Za-z0-9._-] starting with a letter or digit (else 422, field
+"node_id"). Times are Unix seconds from the replica's clock.
+
 - `PUT /v1/nodes/{node_id}`, body = the record's first six fields (`load` optional, zeros; `transfer`
   may be empty only for colocated). 201 + record for a new registration, 200 + record for a refresh
   (same body but `load`, which keeps `registered_at`).
@@ -24,7 +27,7 @@ HTTP API (JSON bodies; with a token configured every route but /health needs
 - `DELETE /v1/nodes/{node_id}`: 204; 404 when unknown.
 - `GET /v1/nodes[?role=R]`: 200 `{"nodes": [record, ...], "etag": "<tag>"}` sorted by node_id, and
   header `ETag: "<tag>"`. The tag changes on a join, leave, expiry or re-registration, not on heartbeats.
-  `&wait=<tag>&timeout=S` (S <= 60, default 30) answers as soon as the tag differs from `wait`, or after
+  `&wait=<tag>&timeout=S` (tag bare or quoted; S <= 60, default 30) answers as soon as the tag differs from `wait`, or after
   S seconds with the unchanged list; a change through this replica wakes it at once; one through
   another replica, or an expiry, within 1.5 x the poll interval (0.5 s).
 - `GET /v1/nodes/{node_id}`: 200 + record; 404 when unknown or expired.
@@ -42,8 +45,6 @@ its detail starts with the first field. 413 for bodies over 64 KiB, 507 when --m
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,94 +65,14 @@ from pd_serve.bootstrap.records import (
     NodeRegistration,
     Role,
     check_pair,
-    list_etag,
 )
-from pd_serve.bootstrap.store import NodeNotFound, NodeStore, StoreFull, make_store
+from pd_serve.bootstrap.registry import Registry
+from pd_serve.bootstrap.store import NodeNotFound, StoreFull
 
 log = logging.getLogger("pd_serve.bootstrap")
 MAX_WAIT_TIMEOUT = 60.0  # seconds: the longest long-poll a caller may ask for
 NodeId = Annotated[str, Path(pattern=NODE_ID_PATTERN, max_length=128)]
 WaitTimeout = Annotated[float, Query(ge=0, le=MAX_WAIT_TIMEOUT)]
-
-
-class ChangeSignal:
-    """Wakes local long-polls at once when this replica changes the set (others are polled)."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def ticket(self) -> asyncio.Event:
-        """Take before reading the store, wait on after: a change in between is not missed."""
-        return self._event
-
-    def notify(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    @staticmethod
-    async def wait(ticket: asyncio.Event, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):  # the caller re-reads the store either way
-            await asyncio.wait_for(ticket.wait(), timeout)
-
-
-class Registry:
-    """The service behind the routes: a store, the metrics, the change signal and a shared snapshot.
-
-    Long-polls re-read the store only through `nodes(max_age)`, so however many are waiting, the store
-    is read at most twice per poll interval (a listing of 1000 Redis records costs tens of ms).
-    """
-
-    def __init__(self, config: BootstrapConfig, metrics: BootstrapMetrics) -> None:
-        self.config = config
-        self.metrics = metrics
-        self.store: NodeStore = make_store(
-            config.store, config.node_ttl, config.max_nodes, self._expired, redis_prefix=config.redis_prefix
-        )
-        self.changes = ChangeSignal()
-        self._snapshot: list[NodeRecord] | None = None
-        self._snapshot_at = 0.0
-        self._snapshot_lock = asyncio.Lock()
-        self._generation = 0  # bumped by changed(): a read that overlapped a change is not kept
-
-    def _expired(self, node_id: str) -> None:
-        self.metrics.on_expire(node_id)
-        log.info("node %s expired", node_id)
-
-    def changed(self) -> None:
-        """This replica changed the set: drop the snapshot and wake the long-polls."""
-        self._generation += 1
-        self._snapshot = None
-        self.changes.notify()
-
-    async def nodes(self, max_age: float = 0.0) -> list[NodeRecord]:
-        """Live nodes, from a snapshot at most `max_age` seconds old (0: read the store)."""
-        if max_age <= 0:
-            return await self.store.list()
-        async with self._snapshot_lock:
-            now = asyncio.get_running_loop().time()
-            if self._snapshot is not None and now - self._snapshot_at < max_age:
-                return self._snapshot
-            generation = self._generation
-            nodes = await self.store.list()
-            if generation == self._generation:
-                self._snapshot, self._snapshot_at = nodes, now
-            return nodes
-
-    async def listing(self, role: Role | None, max_age: float = 0.0) -> NodeList:
-        nodes = [n for n in await self.nodes(max_age) if role is None or n.role == role]
-        return NodeList(nodes=nodes, etag=list_etag(nodes))
-
-    async def wait_for_change(self, role: Role | None, etag: str, timeout: float) -> NodeList:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        interval = self.config.poll_interval
-        while True:
-            ticket = self.changes.ticket()
-            current = await self.listing(role, max_age=interval / 2)
-            remaining = deadline - loop.time()
-            if current.etag != etag or remaining <= 0:
-                return current
-            await self.changes.wait(ticket, min(interval, remaining))
 
 
 def _json(model: NodeRecord | NodeList, status: int = 200, headers: dict[str, str] | None = None) -> Response:
