@@ -3,15 +3,31 @@
 Built by the runner for each step from the scheduled chunks: decode sequences (one new token) come
 first in the flattened token batch, then extend sequences (a prefill chunk). Each layer's call
 writes the new K/V into the pools at `slot_mapping`, then attends through the page tables.
+
+On CPU the decode path is planned once per step and reused by every layer: sequences are sorted by
+context length and cut into groups of `DECODE_GROUP`, each group's pages are gathered with one
+`index_select` and attended with torch's fused SDPA. The semantics are those of
+`kernels.reference.paged_decode_attention_ref` and `extend_attention_ref`; tests compare them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from pd_serve.kernels import reference as ref
+
+DECODE_GROUP = 16  # sequences padded together; small groups waste little on padding
+
+
+@dataclass
+class DecodeGroup:
+    rows: torch.Tensor  # [b] int64, positions of these sequences among the decode tokens
+    pages: torch.Tensor  # [b * n] int64, each sequence's first n page ids, row by row
+    num_pages: int  # n
+    mask: torch.Tensor  # [b, 1, 1, n * page_size] bool, True where the context has a token
 
 
 @dataclass
@@ -23,6 +39,25 @@ class AttentionMetadata:
     extend_page_table: torch.Tensor  # [num_extend, max_pages] int32
     extend_query_start: torch.Tensor  # [num_extend + 1] int32, offsets after the decode tokens
     extend_context_lens: torch.Tensor  # [num_extend] int32
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
+
+
+def plan_decode(page_tables: list[list[int]], context_lens: list[int], page_size: int, device: torch.device) -> list[DecodeGroup]:
+    order = sorted(range(len(context_lens)), key=context_lens.__getitem__)
+    groups = []
+    for start in range(0, len(order), DECODE_GROUP):
+        rows = order[start : start + DECODE_GROUP]
+        n = -(-context_lens[rows[-1]] // page_size)
+        pages = [p for r in rows for p in page_tables[r][:n] + [0] * (n - len(page_tables[r][:n]))]
+        lens = torch.tensor([context_lens[r] for r in rows], device=device)
+        mask = torch.arange(n * page_size, device=device)[None, :] < lens[:, None]
+        groups.append(DecodeGroup(
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            pages=torch.tensor(pages, dtype=torch.long, device=device),
+            num_pages=n,
+            mask=mask[:, None, None, :],
+        ))
+    return groups
 
 
 class PagedAttention:
@@ -34,14 +69,45 @@ class PagedAttention:
         kp, vp = self.k_pools[layer], self.v_pools[layer]
         ref.store_kv_ref(kp, vp, k, v, m.slot_mapping)
         nd = m.num_decode
-        if nd == q.shape[0]:
-            return ref.paged_decode_attention_ref(q, kp, vp, m.decode_page_table, m.decode_context_lens, self.scale)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = ref.paged_decode_attention_ref(
-                q[:nd], kp, vp, m.decode_page_table, m.decode_context_lens, self.scale
-            )
-        out[nd:] = ref.extend_attention_ref(
-            q[nd:], kp, vp, m.extend_page_table, m.extend_query_start, m.extend_context_lens, self.scale
-        )
+            self._decode(q[:nd], kp, vp, out[:nd])
+        if nd < q.shape[0]:
+            self._extend(q[nd:], k[nd:], v[nd:], kp, vp, out[nd:])
         return out
+
+    def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor,
+                out: torch.Tensor) -> None:
+        """Each sequence's chunk attends causally to its cached prefix and itself (fused SDPA)."""
+        m = self.meta
+        _, page_size, kv_heads, head_dim = kp.shape
+        starts, lens = m.extend_query_start.tolist(), m.extend_context_lens.tolist()
+        for i, ctx in enumerate(lens):
+            s, e = starts[i], starts[i + 1]
+            q_len = e - s
+            qi = q[s:e].transpose(0, 1)[None]  # [1, H, q_len, D]
+            if q_len == ctx:  # no cached prefix: the chunk's own K/V, plain causal attention
+                ki, vi = k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
+            else:
+                n = -(-ctx // page_size)
+                pages = m.extend_page_table[i, :n].long()
+                ki = kp.index_select(0, pages).view(1, n * page_size, kv_heads, head_dim)[:, :ctx].transpose(1, 2)
+                vi = vp.index_select(0, pages).view(1, n * page_size, kv_heads, head_dim)[:, :ctx].transpose(1, 2)
+                q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+                mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[s:e] = o[0].transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, out: torch.Tensor) -> None:
+        """q [b, H, D] -> out [b, H, D], one planned group at a time."""
+        _, page_size, kv_heads, head_dim = kp.shape
+        k_flat, v_flat = kp.view(kp.shape[0], -1), vp.view(vp.shape[0], -1)
+        for g in self.meta.decode_groups:
+            b = g.rows.shape[0]
+            length = g.num_pages * page_size
+            k = k_flat.index_select(0, g.pages).view(b, length, kv_heads, head_dim).transpose(1, 2)
+            v = v_flat.index_select(0, g.pages).view(b, length, kv_heads, head_dim).transpose(1, 2)
+            qg = q.index_select(0, g.rows)[:, :, None, :]
+            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=self.scale, enable_gqa=True)
+            out.index_copy_(0, g.rows, o[:, :, 0, :])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pd_serve.engine.attention import AttentionMetadata, PagedAttention
+from pd_serve.engine.attention import AttentionMetadata, PagedAttention, plan_decode
 from pd_serve.engine.kv_cache import KVCache
 from pd_serve.engine.sampler import Sampler, SamplerOutput
 from pd_serve.engine.scheduler import ScheduledChunk, ScheduleOutput
@@ -53,8 +53,11 @@ class ModelRunner:
         sampled: list[ScheduledChunk] = []
         for c in chunks:
             req, start, end = c.request, c.start, c.start + c.num_tokens
-            tokens = req.prompt_token_ids + req.output_token_ids if end > req.num_prompt_tokens else req.prompt_token_ids
-            ids += tokens[start:end]
+            if c.num_tokens == 1:
+                ids.append(req.token_at(start))
+            else:
+                tokens = req.all_token_ids if end > req.num_prompt_tokens else req.prompt_token_ids
+                ids += tokens[start:end]
             positions += range(start, end)
             pages = req.page_ids
             slots += [pages[i // p] * p + i % p for i in range(start, end)]
@@ -77,14 +80,16 @@ class ModelRunner:
         starts = [0]
         for c in ext:
             starts.append(starts[-1] + c.num_tokens)
+        decode_lens = [c.start + 1 for c in dec]
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decode=num_decode,
             decode_page_table=self._page_table(dec),
-            decode_context_lens=self._int32([c.start + 1 for c in dec]),
+            decode_context_lens=self._int32(decode_lens),
             extend_page_table=self._page_table(ext),
             extend_query_start=self._int32(starts),
             extend_context_lens=self._int32([c.start + c.num_tokens for c in ext]),
+            decode_groups=plan_decode([c.request.page_ids for c in dec], decode_lens, self.page_size, self.device),
         )
 
     def _page_table(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
