@@ -142,11 +142,10 @@ class EngineCore:
     def _apply(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestDelta:
         req.output_token_ids.append(token)
         p = req.params
-        reason, stop_reason = None, None
+        reason: FinishReason | None = None
+        stop_reason: str | int | None = None
         stop_string = self._detok[req.request_id].add(token)
-        if not p.ignore_eos and token in self.eos_ids:
-            reason, stop_reason = FinishReason.STOP, token
-        elif token in p.stop_token_ids:
+        if not p.ignore_eos and token in self.eos_ids or token in p.stop_token_ids:
             reason, stop_reason = FinishReason.STOP, token
         elif stop_string is not None:
             reason, stop_reason = FinishReason.STOP, stop_string
@@ -157,7 +156,7 @@ class EngineCore:
             self.scheduler.finish(req, reason)
             return self._finish_delta(req, [token], stop_reason, logprobs)
         text = self._detok[req.request_id].release(finished=False)
-        return RequestDelta(req.request_id, [token], text, logprobs=logprobs, **self._counts(req))
+        return RequestDelta(req.request_id, [token], text, logprobs=logprobs, **self._counts(req))  # type: ignore[arg-type]
 
     def _finish_delta(
         self, req: Request, tokens: list[int], stop_reason: str | int | None, logprobs: list[TokenLogprob] | None = None
@@ -173,7 +172,7 @@ class EngineCore:
             finish_reason=req.finish_reason.value,
             stop_reason=stop_reason,
             logprobs=logprobs,
-            **self._counts(req),
+            **self._counts(req),  # type: ignore[arg-type]
         )
 
     @staticmethod

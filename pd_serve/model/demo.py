@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DEMO_NAME = "demo"
 DEMO_VERSION = "v1"
@@ -22,7 +23,7 @@ CHAT_TEMPLATE = (
     "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-DEMO_CONFIG = {
+DEMO_CONFIG: dict[str, Any] = {
     "vocab_size": 2048,
     "hidden_size": 256,
     "intermediate_size": 688,
@@ -37,10 +38,10 @@ DEMO_CONFIG = {
 }
 
 _WORDS = {
-    "subject": "the model|a request|the decode node|the prefill node|every page|the scheduler|a user|the cache|the frontend|one token".split("|"),
-    "verb": "moves|writes|reads|waits for|sends|streams|frees|keeps|finds|builds".split("|"),
-    "object": "the next token|a page of keys|its values|the first token|the prompt|a batch of requests|the room|memory|the answer|a short story".split("|"),
-    "tail": "quickly|on time|over the network|in one step|without a copy|after the prefill|before the timeout|in order".split("|"),
+    "subject": ["the model", "a request", "the decode node", "the prefill node", "every page", "the scheduler", "a user", "the cache", "the frontend", "one token"],
+    "verb": ["moves", "writes", "reads", "waits for", "sends", "streams", "frees", "keeps", "finds", "builds"],
+    "object": ["the next token", "a page of keys", "its values", "the first token", "the prompt", "a batch of requests", "the room", "memory", "the answer", "a short story"],
+    "tail": ["quickly", "on time", "over the network", "in one step", "without a copy", "after the prefill", "before the timeout", "in order"],
 }
 
 
@@ -103,13 +104,18 @@ def _build_demo(out: Path) -> None:
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
+    ids: dict[str, int] = {}
+    for t in ("<|bos|>", "<|eos|>", "<|end|>"):
+        token_id = tok.token_to_id(t)
+        assert token_id is not None, f"special token {t} missing from the trained vocabulary"
+        ids[t] = token_id
     # The trained vocabulary is smaller than the target on this corpus; the model matches it exactly.
     config = LlamaConfig(
         **{**DEMO_CONFIG, "vocab_size": len(fast)},
-        bos_token_id=fast.convert_tokens_to_ids("<|bos|>"),
-        eos_token_id=[fast.convert_tokens_to_ids("<|eos|>"), fast.convert_tokens_to_ids("<|end|>")],
-        pad_token_id=fast.convert_tokens_to_ids("<|eos|>"),
-        torch_dtype="float32",
+        bos_token_id=ids["<|bos|>"],
+        eos_token_id=[ids["<|eos|>"], ids["<|end|>"]],
+        pad_token_id=ids["<|eos|>"],
+        dtype="float32",
     )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from pd_serve.transfer import LayoutFingerprint, RoomState, TransferConfig, TransferConfigError, TransferEngine
+from pd_serve.transfer import (
+    LayoutFingerprint,
+    RoomState,
+    TransferConfig,
+    TransferConfigError,
+    TransferEngine,
+)
 from pd_serve.transfer.cma_plane import pair_segments
 from pd_serve.transfer.layout import PoolSet, Run, coalesce, expand, should_stage
 from pd_serve.transfer.messages import Data, Finish, MessageError, RoomRequest, decode, encode
