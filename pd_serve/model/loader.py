@@ -105,11 +105,16 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, show_progress: bool)
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: dict[str, int] = {}
     files = _checkpoint_files(model_dir)
-    with tqdm(total=len(params), desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            total += len(f.keys())
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not show_progress) as bar:
         for path in files:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     target = _target(model, name)
+                    bar.update(1)
                     if target is None:
                         continue
                     ours, start, rows = target
@@ -118,7 +123,6 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, show_progress: bool)
                     tensor = f.get_tensor(name)
                     _copy_into(params[ours], tensor, start, rows, name, path.name)
                     filled[ours] = filled.get(ours, 0) + tensor.shape[0]
-                    bar.update(1)
     for ours, param in params.items():
         if ours == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
