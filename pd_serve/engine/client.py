@@ -144,6 +144,23 @@ class EngineClient:
         reply = await asyncio.wait_for(fut, timeout)
         return int(reply.payload["freed_pages"])
 
+    async def start_profile(self, directory: str, timeout: float = 30.0) -> None:
+        """Start the torch profiler in the engine loop (RuntimeError if one is running)."""
+        await self._profile_call(m.StartProfile(directory), timeout)
+
+    async def stop_profile(self, timeout: float = 300.0) -> str:
+        """Stop it; returns the path of the trace the engine wrote."""
+        return str((await self._profile_call(m.StopProfile(), timeout))["trace"])
+
+    async def _profile_call(self, msg: m.StartProfile | m.StopProfile, timeout: float) -> dict[str, Any]:
+        fut = asyncio.get_running_loop().create_future()
+        self._replies["profile"] = fut
+        await self._in.send(m.encode(msg))
+        payload = (await asyncio.wait_for(fut, timeout)).payload
+        if "error" in payload:
+            raise RuntimeError(payload["error"])
+        return dict(payload)
+
     # ---- background tasks ---------------------------------------------------------------------
     async def _read(self) -> None:
         while True:

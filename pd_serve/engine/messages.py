@@ -44,6 +44,16 @@ class Shutdown:
 
 
 @dataclass
+class StartProfile:
+    directory: str  # where StopProfile writes the torch profiler trace
+
+
+@dataclass
+class StopProfile:
+    pass
+
+
+@dataclass
 class TokenLogprob:
     token_id: int
     logprob: float
@@ -98,7 +108,8 @@ class Reply:
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (AddRequest, AbortRequest, FlushCache, GetStats, Shutdown, StepOutputs, Reply, EngineStats)
+    for cls in (AddRequest, AbortRequest, FlushCache, GetStats, Shutdown, StartProfile, StopProfile, StepOutputs,
+                Reply, EngineStats)
 }
 
 

@@ -71,6 +71,7 @@ class EngineLoop:
     def __init__(self, core, inp: zmq.Socket, out: zmq.Socket, stop: dict[str, bool]) -> None:  # noqa: ANN001
         self.core, self.inp, self.out, self.stop = core, inp, out, stop
         self.last_stats = 0.0
+        self.profiler: EngineProfiler | None = None
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -105,12 +106,28 @@ class EngineLoop:
         elif isinstance(msg, m.FlushCache):
             freed = core.flush_prefix_cache()
             self.out.send(m.encode(m.Reply("flushed", {"freed_pages": freed})))
+        elif isinstance(msg, (m.StartProfile, m.StopProfile)):
+            self.out.send(m.encode(self._profile(msg)))
         elif isinstance(msg, m.GetStats):
             self._heartbeat(force=True)
         elif isinstance(msg, m.Shutdown):
             self._abort_all()
             return False
         return True
+
+    def _profile(self, msg: m.StartProfile | m.StopProfile) -> m.Reply:
+        if isinstance(msg, m.StartProfile):
+            if self.profiler is not None:
+                return m.Reply("profile", {"error": "a profile is already running; stop it first"})
+            try:
+                self.profiler = EngineProfiler(msg.directory)
+            except OSError as exc:  # an unusable directory must not stop the loop
+                return m.Reply("profile", {"error": f"cannot write traces to {msg.directory!r}: {exc.strerror}"})
+            return m.Reply("profile", {"directory": msg.directory})
+        if self.profiler is None:
+            return m.Reply("profile", {"error": "no profile is running; start one first"})
+        path, self.profiler = self.profiler.stop(), None
+        return m.Reply("profile", {"trace": path})
 
     def _abort_all(self) -> None:
         self.core.abort_all()
@@ -123,3 +140,24 @@ class EngineLoop:
         if force or now - self.last_stats >= HEARTBEAT_S:
             self.last_stats = now
             self.out.send(m.encode(self.core.stats()))
+
+
+class EngineProfiler:
+    """torch.profiler around the engine loop; `stop()` writes a Chrome trace and returns its path."""
+
+    def __init__(self, directory: str) -> None:
+        import torch
+
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities)
+        self.prof.start()
+
+    def stop(self) -> str:
+        self.prof.stop()
+        path = os.path.join(self.directory, f"engine-{os.getpid()}-{int(time.time() * 1000)}.trace.json")
+        self.prof.export_chrome_trace(path)
+        return path
