@@ -5,18 +5,24 @@ each Data header names a 64-bit tag base (connection nonce << 32 | counter): par
 is one tag message into one destination run view (or one staging buffer). Host memory here; CUDA
 pools work the same way (ucxx takes `__cuda_array_interface__`) over cuda_ipc or RDMA.
 
-UCX settings (measured on the 2-core dev VM, 256 MiB between two processes, see
-bench/bench_transfer.py): the defaults pick `tcp/lo` for the rendezvous data (~0.3-0.6 GB/s),
-because ucxx enables peer error handling and UCX then refuses the cma and posix single-copy
-paths. With `ucx_error_handling=False` UCX uses "rendezvous zero-copy read from remote" over
-cma (one process_vm_readv copy, 2-3 GB/s with `CMA_SEG_SIZE` raised from 512K to 8M), but a
-peer crash during a transfer then aborts this process inside UCX (measured: SIGABRT after
-"process_vm_readv ... No such process"), so it stays opt-in. We therefore set:
-`TLS=tcp,cma,sm,self` (cma/sm used when allowed), `RNDV_SCHEME=get_zcopy` (the receiver pulls into
-its pages: one copy), `CMA_SEG_SIZE=8M` (fewer, larger reads), progress mode `thread` (ucxx's
-progress thread; `blocking` was comparable, `polling` and `thread-polling` burn a core we do not
-have), and `WARN_UNUSED_ENV_VARS=n`. UCX_* environment variables override these. On GPU nodes add
-`cuda_copy,cuda_ipc` (or rc) to UCX_TLS. For the fastest safe same-host path use the cma backend.
+UCX settings, measured on the shared 2-core dev VM (load ~6 from other work, so numbers swing
+2x), a 256 MiB room between two processes, memcpy ~6-7 GB/s (bench/bench_transfer.py):
+- ucxx enables peer error handling on every endpoint, and with it UCX refuses the single-copy
+  cma path and the posix path without error support: rendezvous data goes over `tcp/lo`
+  (`UCX_PROTO_INFO=y` shows "rendezvous fragmented copy-in copy-out | tcp/lo"), 0.2-0.9 GB/s.
+- `ucx_error_handling=False` lets UCX use "rendezvous zero-copy read from remote | cma/memory"
+  (one process_vm_readv copy): 2.2-3.5 GB/s. But a peer killed mid-transfer then aborts *this*
+  process inside UCX (measured: SIGABRT after "process_vm_readv ... No such process"), so it is
+  opt-in; the cma backend gives the same single copy with errors we handle.
+- progress mode `blocking` (the worker's epoll fd on our event loop): 2.2-3.5 GB/s vs 0.9-1.7
+  for `thread` with cma, and 0.2-0.9 vs 0.1-0.5 over tcp; a progress thread competes for the
+  two cores. `polling`/`thread-polling` burn a core.
+- `RNDV_FRAG_SIZE=host:8M` (from 512K): fewer fragments on the tcp rendezvous, ~+30%.
+- `CMA_SEG_SIZE=8M` (from 512K) and `RNDV_SCHEME=get_zcopy`: the receiver pulls straight into
+  its pages in large reads. Listener (sockaddr) endpoints were slower than worker-address ones.
+We set `TLS=tcp,cma,sm,self` (UCX drops what error handling forbids) and
+`WARN_UNUSED_ENV_VARS=n`; UCX_* / UCXPY_PROGRESS_MODE environment variables override them. On
+GPU nodes add `cuda_copy,cuda_ipc` (or rc) to UCX_TLS.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ UCX_OPTIONS = {
     "TLS": "tcp,cma,sm,self",
     "RNDV_SCHEME": "get_zcopy",
     "CMA_SEG_SIZE": "8M",
+    "RNDV_FRAG_SIZE": "host:8M",
     "WARN_UNUSED_ENV_VARS": "n",
 }
-PROGRESS_MODE = "thread"
+PROGRESS_MODE = "blocking"
 
 
 class _Peer:
