@@ -10,6 +10,8 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any
 
+from pd_serve.transfer.config import TransferConfig
+
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -70,6 +72,21 @@ class EngineConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return EngineConfig(**values)
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    """The engine's role in a disaggregated deployment and its transfer settings."""
+
+    role: str  # prefill | decode
+    transfer: TransferConfig
+    reserve_tokens: int = 256  # decode: free pages kept for decoding before a new transfer is admitted
+    page_wait_timeout: float = 300.0  # decode: how long a request may wait for pages before it fails
+
+    def __post_init__(self) -> None:
+        _require(self.role in ("prefill", "decode"), "role", f"{self.role!r} is not prefill or decode")
+        _require(self.reserve_tokens >= 0, "reserve_tokens", "must be >= 0")
+        _require(self.page_wait_timeout > 0, "page_wait_timeout", "must be positive")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from pd_serve.config import EngineConfig
+from pd_serve.config import DisaggConfig, EngineConfig
 from pd_serve.engine import messages as m
 from pd_serve.engine.process import EngineAddresses, run_engine
 from pd_serve.engine.sampling_params import SamplingParams
@@ -30,8 +30,9 @@ class EngineStartError(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, dead_after_s: float = 2.0) -> None:
+    def __init__(self, config: EngineConfig, dead_after_s: float = 2.0, disagg: DisaggConfig | None = None) -> None:
         self.config = config
+        self.disagg = disagg
         self.addrs = EngineAddresses.fresh()
         self.dead_after_s = dead_after_s
         self.info: dict[str, Any] = {}
@@ -52,7 +53,7 @@ class EngineClient:
         self._in.setsockopt(zmq.LINGER, 0)
         self._in.connect(self.addrs.inputs)
         self._proc = multiprocessing.get_context("spawn").Process(
-            target=run_engine, args=(self.config, self.addrs), name="pd-serve-engine", daemon=True
+            target=run_engine, args=(self.config, self.addrs, self.disagg), name="pd-serve-engine", daemon=True
         )
         self._proc.start()
         ready = asyncio.get_running_loop().create_future()
@@ -99,7 +100,12 @@ class EngineClient:
 
     # ---- requests ----------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, timeout: float = 3600.0
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        timeout: float = 3600.0,
+        pd: m.PDSpec | None = None,
     ) -> AsyncIterator[m.RequestDelta]:
         """Deltas of one request; the last one has finished=True. Leaving early aborts it."""
         if self._dead_reason is not None:
@@ -109,7 +115,7 @@ class EngineClient:
         self._queues[request_id] = queue
         finished = False
         try:
-            await self._in.send(m.encode(m.AddRequest(request_id, prompt_token_ids, params)))
+            await self._in.send(m.encode(m.AddRequest(request_id, prompt_token_ids, params, pd)))
             while True:
                 delta = await asyncio.wait_for(queue.get(), timeout)
                 finished = delta.finished

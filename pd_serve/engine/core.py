@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pd_serve.config import EngineConfig
+from pd_serve.config import DisaggConfig, EngineConfig
 from pd_serve.engine.detokenizer import IncrementalDetokenizer
+from pd_serve.engine.disagg import DecodeSide, Event, Failed, PrefillSide, Sent
 from pd_serve.engine.kv_cache import KVCache, num_pages_for
-from pd_serve.engine.messages import EngineStats, RequestDelta, TokenLogprob
-from pd_serve.engine.request import FinishReason, Request
+from pd_serve.engine.messages import EngineStats, PDSpec, RequestDelta, TokenLogprob
+from pd_serve.engine.request import FinishReason, Request, RequestStatus
 from pd_serve.engine.runner import ModelRunner
 from pd_serve.engine.sampler import TokenLogprobs
 from pd_serve.engine.sampling_params import SamplingParams
-from pd_serve.engine.scheduler import ScheduleOutput, Scheduler, SchedulerConfig
+from pd_serve.engine.scheduler import RequestRejected, ScheduleOutput, Scheduler, SchedulerConfig
 from pd_serve.model.config import ModelConfig, load_model_config
 from pd_serve.model.demo import resolve_model_path
 from pd_serve.model.loader import check_device, load_model, resolve_dtype
@@ -49,8 +52,9 @@ def eos_token_ids(model_dir: Path, model: ModelConfig, tokenizer: object) -> fro
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, disagg: DisaggConfig | None = None) -> None:
         self.config = config
+        self.disagg = disagg
         torch.manual_seed(config.seed)
         self.model_dir = resolve_model_path(config.model)
         self.model_config = load_model_config(self.model_dir)
@@ -77,10 +81,30 @@ class EngineCore:
             )
         )
         self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.transfer: Any = None
+        self.prefill_side: PrefillSide | None = None
+        self.decode_side: DecodeSide | None = None
+        if disagg is not None:
+            self._start_transfer(disagg)
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestDelta] = []
         self.steps = 0
+
+    def _start_transfer(self, disagg: DisaggConfig) -> None:
+        from pd_serve.transfer import LayoutFingerprint, TransferEngine
+
+        fingerprint = LayoutFingerprint.from_value(self.kv.layout.to_dict())
+        self.transfer = TransferEngine(disagg.transfer, self.kv.pools(), fingerprint).start()
+        if disagg.role == "prefill":
+            self.prefill_side = PrefillSide(self.transfer, self.scheduler)
+        else:
+            self.decode_side = DecodeSide(self.transfer, self.scheduler, disagg.reserve_tokens, disagg.page_wait_timeout)
+
+    def close(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
+            self.transfer = None
 
     def _max_model_len(self) -> int:
         m = self.model_config
@@ -97,38 +121,69 @@ class EngineCore:
         return limit
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises RequestRejected or InvalidParameter (nothing is queued then)."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, pd: PDSpec | None = None
+    ) -> None:
+        """Queue a request; raises RequestRejected or InvalidParameter (nothing is queued then).
+
+        With `pd`, a prefill node computes the prompt for the room's decode node and a decode node
+        receives the prompt's KV from `pd.peer_endpoint` (the prefill node's transfer endpoint).
+        """
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         vocab = self.model_config.vocab_size
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            from pd_serve.engine.scheduler import RequestRejected
-
             raise RequestRejected("prompt", f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         req = Request(request_id, list(prompt_token_ids), params)
-        self.scheduler.add(req)
+        if pd is None:
+            self.scheduler.add(req)
+        elif self.prefill_side is not None:
+            req.params = replace(params, max_tokens=1, stop=(), ignore_eos=True)
+            self.prefill_side.add(req, pd.room)
+        elif self.decode_side is not None:
+            if not pd.peer_endpoint:
+                raise RequestRejected("pd", "a decode node needs the prefill node's transfer endpoint")
+            self.decode_side.add(req, pd.room, pd.peer_endpoint)
+        else:
+            raise RequestRejected("pd", "this node serves colocated requests only (no prefill/decode role)")
         self._requests[request_id] = req
         self._detok[request_id] = IncrementalDetokenizer(
             self._decode, req.prompt_token_ids, params.stop, params.skip_special_tokens
         )
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        if self.prefill_side is not None and self.prefill_side.abort(request_id, reason):
+            return  # its room ends in a later poll
+        if self.decode_side is not None and self.decode_side.owns(request_id):
+            req = self.decode_side.abort(request_id, reason)
+            if req is not None:
+                self._end(req, FinishReason.ABORT)
+            return
         req = self.scheduler.abort(request_id)
         if req is not None:
             self._pending.append(self._finish_delta(req, [], None))
 
     def abort_all(self) -> None:
         for request_id in list(self._requests):
-            self.abort(request_id)
+            self.abort(request_id, "engine shutting down")
 
     def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._pending) or self.num_in_transfer > 0
+
+    @property
+    def num_in_transfer(self) -> int:
+        return len(self.prefill_side or ()) + len(self.decode_side or ())
+
+    def has_schedulable(self) -> bool:
+        """Work the model can do now (not just rooms to wait on)."""
         return self.scheduler.num_unfinished > 0 or bool(self._pending)
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         deltas, self._pending = self._pending, []
+        for event in self._poll_transfers():
+            deltas.append(self._on_transfer_event(event))
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return deltas
@@ -136,27 +191,79 @@ class EngineCore:
         self.scheduler.commit(sched)
         self.steps += 1
         for chunk, token, lp in zip(out.sampled, out.result.token_ids, out.result.logprobs):
-            deltas.append(self._apply(chunk.request, token, lp))
+            req = chunk.request
+            if self.prefill_side is not None and self.prefill_side.owns(req.request_id):
+                self.prefill_side.first_token(req, token, _logprobs_wire(token, lp))
+                req.output_token_ids.append(token)
+                continue
+            reason, stop_reason = self._append(req, token)
+            logprobs = None if lp is None else [TokenLogprob(token, lp.logprob, lp.top)]
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+            deltas.append(self._delta(req, [token], reason, stop_reason, logprobs))
         return deltas
 
-    def _apply(self, req: Request, token: int, lp: TokenLogprobs | None) -> RequestDelta:
+    def _poll_transfers(self) -> list[Event]:
+        events: list[Event] = []
+        if self.prefill_side is not None:
+            events += self.prefill_side.poll()
+        if self.decode_side is not None:
+            events += self.decode_side.poll()
+        return events
+
+    def _on_transfer_event(self, event: Event) -> RequestDelta:
+        req = event.request
+        if isinstance(event, Failed):
+            return self._end(req, FinishReason.ABORT, error=event.reason, delta_only=True)
+        if isinstance(event, Sent):
+            req.finish_reason = FinishReason.LENGTH
+            delta = self._finish_delta(req, [], None)
+            delta.info = event.timings
+            return delta
+        # Ready: the first token came with the KV; commit it as if sampled here
+        token = int(event.first_token)
+        if req.generator is not None and not req.params.greedy:
+            torch.empty(self.model_config.vocab_size).exponential_(generator=req.generator)  # the draw P made
+        reason, stop_reason = self._append(req, token)
+        logprobs = _logprobs_from_wire(token, event.first_token_logprobs) if req.params.logprobs is not None else None
+        if reason is None:
+            self.scheduler.add(req)
+        else:
+            self.scheduler.pages.release(req.page_ids)
+            req.page_ids = []
+        return self._delta(req, [token], reason, stop_reason, logprobs)
+
+    def _append(self, req: Request, token: int) -> tuple[FinishReason | None, str | int | None]:
+        """Add a token to the request; returns why it stops now, if it does."""
         req.output_token_ids.append(token)
         p = req.params
-        reason: FinishReason | None = None
-        stop_reason: str | int | None = None
         stop_string = self._detok[req.request_id].add(token)
         if not p.ignore_eos and token in self.eos_ids or token in p.stop_token_ids:
-            reason, stop_reason = FinishReason.STOP, token
-        elif stop_string is not None:
-            reason, stop_reason = FinishReason.STOP, stop_string
-        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
-        logprobs = None if lp is None else [TokenLogprob(token, lp.logprob, lp.top)]
+            return FinishReason.STOP, token
+        if stop_string is not None:
+            return FinishReason.STOP, stop_string
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def _delta(
+        self, req: Request, tokens: list[int], reason: FinishReason | None, stop_reason: str | int | None,
+        logprobs: list[TokenLogprob] | None,
+    ) -> RequestDelta:
         if reason is not None:
-            self.scheduler.finish(req, reason)
-            return self._finish_delta(req, [token], stop_reason, logprobs)
+            req.status, req.finish_reason = RequestStatus.FINISHED, reason
+            return self._finish_delta(req, tokens, stop_reason, logprobs)
         text = self._detok[req.request_id].release(finished=False)
-        return RequestDelta(req.request_id, [token], text, logprobs=logprobs, **self._counts(req))  # type: ignore[arg-type]
+        return RequestDelta(req.request_id, tokens, text, logprobs=logprobs, **self._counts(req))  # type: ignore[arg-type]
+
+    def _end(self, req: Request, reason: FinishReason, error: str | None = None, delta_only: bool = False) -> RequestDelta:
+        """Finish a request that is not in the scheduler (waiting on a room or just out of one)."""
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        delta = self._finish_delta(req, [], None)
+        delta.error = error
+        if not delta_only:
+            self._pending.append(delta)
+        return delta
 
     def _finish_delta(
         self, req: Request, tokens: list[int], stop_reason: str | int | None, logprobs: list[TokenLogprob] | None = None
@@ -198,6 +305,7 @@ class EngineCore:
             prefix_cache_hit_tokens=cache.hit_tokens if cache else 0,
             num_preemptions=s.num_preemptions,
             steps=self.steps,
+            num_in_transfer=self.num_in_transfer,
         )
 
     def flush_prefix_cache(self) -> int:
@@ -216,3 +324,15 @@ class EngineCore:
             return self.runner.forward_logits(ScheduleOutput([ScheduledChunk(req, 0, len(prompt_token_ids))]))
         finally:
             self.scheduler.pages.release(pages)
+
+
+def _logprobs_wire(token: int, lp: TokenLogprobs | None) -> list[Any] | None:
+    """The first token's logprobs as they travel in the transfer's completion message."""
+    return None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
+
+
+def _logprobs_from_wire(token: int, wire: Any) -> list[TokenLogprob] | None:
+    if not wire:
+        return None
+    logprob, top = wire
+    return [TokenLogprob(token, float(logprob), [(int(t), float(v)) for t, v in top])]

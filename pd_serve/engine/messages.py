@@ -17,10 +17,19 @@ from pd_serve.engine.sampling_params import SamplingParams
 
 
 @dataclass
+class PDSpec:
+    """A request's part in a disaggregated pair (the frontend's `pd` object, resolved)."""
+
+    room: int
+    peer_endpoint: str | None = None  # decode node: the prefill node's transfer endpoint
+
+
+@dataclass
 class AddRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams  # validated again on decode
+    pd: PDSpec | None = None
 
 
 @dataclass
@@ -76,6 +85,7 @@ class RequestDelta:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    info: dict[str, float] | None = None  # prefill node: timings of the room (wait, prefill, transfer)
 
 
 @dataclass
@@ -90,6 +100,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     num_preemptions: int
     steps: int
+    num_in_transfer: int = 0  # requests waiting on or moving KV through a room
     alive: bool = True
 
 
@@ -125,7 +136,8 @@ def decode(data: bytes) -> Any:
 
 def _build(cls: type, body: dict[str, Any]) -> Any:
     if cls is AddRequest:
-        return AddRequest(body["request_id"], body["prompt_token_ids"], SamplingParams(**body["sampling"]))
+        pd = PDSpec(**body["pd"]) if body.get("pd") else None
+        return AddRequest(body["request_id"], body["prompt_token_ids"], SamplingParams(**body["sampling"]), pd)
     if cls is StepOutputs:
         deltas = []
         for d in body["deltas"]:

@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass
 
 import zmq
 
-from pd_serve.config import EngineConfig
+from pd_serve.config import DisaggConfig, EngineConfig
 from pd_serve.engine import messages as m
 from pd_serve.engine.sampling_params import InvalidParameter
 from pd_serve.engine.scheduler import RequestRejected
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
+ROOM_POLL_MS = 1
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class EngineAddresses:
         return EngineAddresses(inputs=f"ipc://{base}-in", outputs=f"ipc://{base}-out")
 
 
-def run_engine(config: EngineConfig, addrs: EngineAddresses) -> None:
+def run_engine(config: EngineConfig, addrs: EngineAddresses, disagg: DisaggConfig | None = None) -> None:
     """Process entry point: build the engine, announce readiness, loop until Shutdown or a signal."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     ctx = zmq.Context()
@@ -55,13 +56,25 @@ def run_engine(config: EngineConfig, addrs: EngineAddresses) -> None:
     try:
         from pd_serve.engine.core import EngineCore
 
-        core = EngineCore(config)
+        core = EngineCore(config, disagg)
     except Exception as exc:  # reported to the API process, which exits with the message
         out.send(m.encode(m.Reply("failed", {"error": f"{type(exc).__name__}: {exc}"})))
         raise
-    out.send(m.encode(m.Reply("ready", {"layout": core.kv.layout.to_dict(), "max_model_len": core.max_model_len,
-                                         "config": asdict(config), "model_dir": str(core.model_dir)})))
-    EngineLoop(core, inp, out, stop).run()
+    out.send(m.encode(m.Reply("ready", {
+        "layout": core.kv.layout.to_dict(),
+        "max_model_len": core.max_model_len,
+        "config": asdict(config),
+        "model_dir": str(core.model_dir),
+        "role": disagg.role if disagg else "colocated",
+        "transfer_endpoint": core.transfer.endpoint if core.transfer is not None else None,
+        "transfer_backend": disagg.transfer.backend if disagg else None,
+        "num_pages": core.kv.num_pages,
+        "max_running_requests": config.max_running_requests,
+    })))
+    try:
+        EngineLoop(core, inp, out, stop).run()
+    finally:
+        core.close()
     out.close()
     inp.close()
     ctx.term()
@@ -77,8 +90,12 @@ class EngineLoop:
         poller = zmq.Poller()
         poller.register(self.inp, zmq.POLLIN)
         while not self.stop["flag"]:
-            busy = self.core.has_unfinished()
-            timeout = 0 if busy else int(HEARTBEAT_S * 1000)
+            if self.core.has_schedulable():
+                timeout = 0
+            elif self.core.has_unfinished():
+                timeout = ROOM_POLL_MS  # only rooms to watch: poll them often, without spinning
+            else:
+                timeout = int(HEARTBEAT_S * 1000)
             while poller.poll(timeout):
                 if not self._handle(m.decode(self.inp.recv())):
                     return
@@ -95,14 +112,14 @@ class EngineLoop:
         core = self.core
         if isinstance(msg, m.AddRequest):
             try:
-                core.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling)
+                core.add_request(msg.request_id, msg.prompt_token_ids, msg.sampling, msg.pd)
             except (RequestRejected, InvalidParameter, ValueError) as exc:
                 param = getattr(exc, "param", None)
                 delta = m.RequestDelta(msg.request_id, [], "", finished=True, finish_reason="abort",
                                        error=str(exc), error_param=param)
                 self.out.send(m.encode(m.StepOutputs([delta])))
         elif isinstance(msg, m.AbortRequest):
-            core.abort(msg.request_id)
+            core.abort(msg.request_id, "aborted by the client")
         elif isinstance(msg, m.FlushCache):
             freed = core.flush_prefix_cache()
             self.out.send(m.encode(m.Reply("flushed", {"freed_pages": freed})))

@@ -117,6 +117,13 @@ class Scheduler:
         self._release(request)
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
 
+    def hand_over(self, request: Request) -> list[int]:
+        """Remove a running request but keep its pages referenced: the caller now owns them."""
+        self.running.remove(request)
+        pages, request.page_ids = request.page_ids, []
+        request.status = RequestStatus.FINISHED
+        return pages
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)

@@ -1,0 +1,111 @@
+"""Two engines, prefill and decode, moving KV through real rooms (tcp backend on loopback).
+
+Both engines live in this process here (each TransferEngine has its own thread and socket); the
+integration tests run them as separate node processes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pd_serve import LLM, SamplingParams
+from pd_serve.config import DisaggConfig, EngineConfig
+from pd_serve.engine.core import EngineCore
+from pd_serve.engine.messages import PDSpec, RequestDelta
+from pd_serve.transfer import TransferConfig
+
+
+@pytest.fixture(scope="module")
+def pair(demo_dir: Path):
+    config = EngineConfig(model=str(demo_dir), max_total_tokens=2048, show_progress=False, chunked_prefill_size=64)
+    transfer = TransferConfig(backend="tcp", bootstrap_timeout=5, waiting_timeout=10, transfer_timeout=5)
+    p = EngineCore(config, DisaggConfig("prefill", transfer))
+    d = EngineCore(config, DisaggConfig("decode", transfer))
+    yield p, d, config
+    p.close()
+    d.close()
+
+
+def _run(p: EngineCore, d: EngineCore, deadline_s: float = 60.0) -> tuple[list[RequestDelta], list[RequestDelta]]:
+    pd_out: list[RequestDelta] = []
+    dd_out: list[RequestDelta] = []
+    deadline = time.monotonic() + deadline_s
+    while p.has_unfinished() or d.has_unfinished():
+        assert time.monotonic() < deadline, "disaggregated requests did not finish"
+        pd_out += p.step()
+        dd_out += d.step()
+        time.sleep(0.001)
+    return pd_out, dd_out
+
+
+def _by_request(deltas: list[RequestDelta]) -> dict[str, list[RequestDelta]]:
+    out: dict[str, list[RequestDelta]] = {}
+    for x in deltas:
+        out.setdefault(x.request_id, []).append(x)
+    return out
+
+
+def test_disaggregated_output_equals_colocated(pair) -> None:
+    p, d, config = pair
+    prompts = [list(range(20, 20 + n)) for n in (3, 17, 40, 150)]
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=9, temperature=0.8, seed=11, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)]
+    colocated = LLM(config=config).generate(prompts, params)
+    for i, (prompt, sp) in enumerate(zip(prompts, params)):
+        room = 1000 + i
+        d.add_request(f"r{i}", prompt, sp, PDSpec(room, p.transfer.endpoint))
+        p.add_request(f"r{i}", prompt, sp, PDSpec(room))
+    p_deltas, d_deltas = _run(p, d)
+    decoded = _by_request(d_deltas)
+    for i, expected in enumerate(colocated):
+        got = decoded[f"r{i}"]
+        assert [t for x in got for t in x.new_token_ids] == expected.token_ids
+        assert "".join(x.new_text for x in got) == expected.text
+        assert got[-1].finish_reason == expected.finish_reason
+    assert decoded["r1"][0].logprobs is not None and len(decoded["r1"][0].logprobs[0].top) == 2
+    prefilled = _by_request(p_deltas)
+    assert all(v[-1].finished and v[-1].info and v[-1].info["total_s"] >= 0 for v in prefilled.values())
+    for engine in (p, d):
+        s = engine.stats()
+        assert s.num_free_pages == s.num_total_pages and s.num_in_transfer == 0
+
+
+def test_prompt_mismatch_fails_the_room_on_both_sides(pair) -> None:
+    p, d, _ = pair
+    params = SamplingParams(max_tokens=4, temperature=0)
+    d.add_request("m", [30, 31, 32, 33], params, PDSpec(2001, p.transfer.endpoint))
+    p.add_request("m", [30, 31, 32, 99], params, PDSpec(2001))
+    p_deltas, d_deltas = _run(p, d)
+    assert p_deltas[-1].finish_reason == "abort" and "prompt mismatch" in (p_deltas[-1].error or "")
+    assert d_deltas[-1].finish_reason == "abort" and d_deltas[-1].error
+    assert d.stats().num_free_pages == d.stats().num_total_pages
+
+
+def test_decode_abort_while_waiting_for_prefill_frees_pages(pair) -> None:
+    p, d, _ = pair
+    d.add_request("a", list(range(40, 80)), SamplingParams(max_tokens=4), PDSpec(3001, p.transfer.endpoint))
+    for _ in range(5):
+        d.step()
+    d.abort("a", "client went away")
+    _, d_deltas = _run(p, d)
+    assert d_deltas[-1].finish_reason == "abort"
+    assert d.stats().num_free_pages == d.stats().num_total_pages
+    # the prefill side learnt of the abort: a late request for that room fails there too
+    p.add_request("a", list(range(40, 80)), SamplingParams(max_tokens=4), PDSpec(3001))
+    p_deltas, _ = _run(p, d)
+    assert p_deltas[-1].finish_reason == "abort"
+    assert p.stats().num_free_pages == p.stats().num_total_pages
+
+
+def test_pd_request_on_a_colocated_engine_is_rejected(demo_dir: Path) -> None:
+    from pd_serve.engine.scheduler import RequestRejected
+
+    llm = LLM(model=str(demo_dir), show_progress=False, max_total_tokens=256)
+    with pytest.raises(RequestRejected) as e:
+        llm.engine.add_request("x", [1, 2, 3], SamplingParams(), PDSpec(1, "tcp://127.0.0.1:1"))
+    assert e.value.param == "pd"
