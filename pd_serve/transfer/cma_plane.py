@@ -26,7 +26,6 @@ from pd_serve.transfer.messages import Data
 from pd_serve.transfer.plane import DataPlane
 
 _IOV_MAX = 1024
-_MAX_SEGMENT = 1 << 30  # process_vm_readv returns at most ~2 GiB per call
 
 
 class _Iovec(ctypes.Structure):
@@ -40,44 +39,37 @@ _libc.process_vm_readv.argtypes = [
 ]
 
 
-def pair_segments(local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """Split two byte streams of (address, length) at the union of their boundaries."""
-    out: list[tuple[int, int, int]] = []
-    li = ri = lo = ro = 0
-    while li < len(local) and ri < len(remote):
-        n = min(local[li][1] - lo, remote[ri][1] - ro, _MAX_SEGMENT)
-        out.append((local[li][0] + lo, remote[ri][0] + ro, n))
-        lo, ro = lo + n, ro + n
-        if lo == local[li][1]:
-            li, lo = li + 1, 0
-        if ro == remote[ri][1]:
-            ri, ro = ri + 1, 0
-    if li < len(local) or ri < len(remote):
-        raise ValueError("local and remote byte counts differ")
+_IOVEC = np.dtype([("base", np.uint64), ("len", np.uint64)])
+
+
+def iovecs(addresses: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    out = np.empty(len(addresses), dtype=_IOVEC)
+    out["base"], out["len"] = addresses, lengths
     return out
 
 
-def read_remote(pid: int, segments: list[tuple[int, int, int]]) -> None:
-    """Copy every (local, remote, length) segment from process `pid`; raises OSError on failure."""
-    for start in range(0, len(segments), _IOV_MAX):
-        batch = segments[start : start + _IOV_MAX]
-        local = (_Iovec * len(batch))(*[_Iovec(lo, n) for lo, _, n in batch])
-        remote = (_Iovec * len(batch))(*[_Iovec(ro, n) for _, ro, n in batch])
-        want = sum(n for _, _, n in batch)
-        got = _libc.process_vm_readv(pid, local, len(batch), remote, len(batch), 0)
+def read_remote(pid: int, local: np.ndarray, remote: np.ndarray, live: Callable[[], bool] | None = None) -> bool:
+    """Copy `remote` iovecs of process `pid` into `local` iovecs (same lengths, in order), up to
+    IOV_MAX at a time, stopping early once `live()` is False; raises OSError on failure."""
+    for start in range(0, len(local), _IOV_MAX):
+        if live is not None and not live():
+            return False
+        lo, ro = local[start : start + _IOV_MAX], remote[start : start + _IOV_MAX]
+        want = int(lo["len"].sum())
+        iov = ctypes.POINTER(_Iovec)
+        got = _libc.process_vm_readv(pid, lo.ctypes.data_as(iov), len(lo), ro.ctypes.data_as(iov), len(ro), 0)
         if got != want:
             err = ctypes.get_errno()
-            raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err) if got < 0 else f'short read {got}/{want}'}")
-
-
-def _regions(views: list[torch.Tensor]) -> list[tuple[int, int]]:
-    return [(v.data_ptr(), v.numel() * v.element_size()) for v in views]
+            detail = os.strerror(err) if got < 0 else f"short read {got}/{want}"
+            raise OSError(err, f"process_vm_readv from pid {pid}: {detail}")
+    return True
 
 
 class CmaPlane(DataPlane):
     name = "cma"
     gathers = False  # the iovecs do the gathering
     stages_receive = False
+    needs_views = False
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -97,25 +89,26 @@ class CmaPlane(DataPlane):
             return None
         address, length, crc = peer.probe
         buf = np.zeros(length, dtype=np.uint8)
+        local = iovecs(np.array([buf.ctypes.data], np.uint64), np.array([length], np.uint64))
+        remote = iovecs(np.array([address], np.uint64), np.array([length], np.uint64))
         try:
-            await asyncio.to_thread(read_remote, peer.pid, [(buf.ctypes.data, address, length)])
+            await asyncio.to_thread(read_remote, peer.pid, local, remote)
         except OSError as exc:
             return f"cma probe read failed ({exc}); check ptrace permissions or use --transfer-backend tcp"
         return None if zlib.crc32(buf.tobytes()) == crc else "cma probe read returned wrong bytes"
 
     async def send_data(self, conn: Connection, header: Data, views: list[torch.Tensor]) -> None:
-        iov = [[addr, n] for addr, n in _regions(views)]
-        await conn.send(Data(**{**header.__dict__, "src_iov": iov}))
+        await conn.send(header)  # carries src_base / src_starts; the receiver pulls
 
     async def receive(
         self, conn: Connection, header: Data, payload_len: int, views: list[torch.Tensor], live: Callable[[], bool]
     ) -> bool:
-        if header.src_iov is None or payload_len:
+        if header.src_base is None or header.src_starts is None or payload_len:
             raise ConnectionError("cma Data without source addresses")
-        segments = pair_segments(_regions(views), [(a, n) for a, n in header.src_iov])
-        step = 256
-        for start in range(0, len(segments), step):
-            if not live():
-                return False
-            await asyncio.to_thread(read_remote, conn.hello.pid, segments[start : start + step])
-        return live()
+        first, end = header.layers
+        counts = [count for _, count in header.runs]
+        if len(header.src_starts) != len(counts) or len(header.src_base) != 2 * (end - first):
+            raise ConnectionError("cma Data source addresses do not match its runs")
+        local = iovecs(*self.pools.regions(self.pools.bases(range(first, end)), [s for s, _ in header.runs], counts))
+        remote = iovecs(*self.pools.regions(header.src_base, header.src_starts, counts))
+        return await asyncio.to_thread(read_remote, conn.hello.pid, local, remote, live) and live()

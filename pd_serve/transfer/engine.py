@@ -72,7 +72,7 @@ class TransferEngine:
             loop.close()
 
     async def _startup(self) -> None:
-        plane = make_plane(self.config)
+        plane = make_plane(self.config, self.pools)
         await plane.start()
         lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from pd_serve.kernels.reference import gather_pages_ref, scatter_pages_ref
 from pd_serve.transfer.config import LayoutFingerprint
+
+MAX_REGION_BYTES = 1 << 30  # one region per process_vm_readv iovec / UCX message at most
+STAGING_CACHE_BYTES = 1 << 30
 
 
 class Run(NamedTuple):
@@ -22,12 +26,12 @@ class Run(NamedTuple):
     pages: int
 
 
-def coalesce(src_pages: list[int], dst_pages: list[int]) -> list[Run]:
-    """Merge consecutive (src, dst) pairs into runs that are contiguous on both sides."""
+def coalesce(src_pages: list[int], dst_pages: list[int], max_pages: int = 1 << 30) -> list[Run]:
+    """Merge consecutive (src, dst) pairs into runs contiguous on both sides, of <= max_pages."""
     runs: list[Run] = []
     for s, d in zip(src_pages, dst_pages):
-        if runs and runs[-1].src + runs[-1].pages == s and runs[-1].dst + runs[-1].pages == d:
-            last = runs[-1]
+        last = runs[-1] if runs else None
+        if last and last.pages < max_pages and last.src + last.pages == s and last.dst + last.pages == d:
             runs[-1] = Run(last.src, last.dst, last.pages + 1)
         else:
             runs.append(Run(s, d, 1))
@@ -49,6 +53,8 @@ class PoolSet:
         self.num_pages = pools[0][0].shape[0]
         self.page_bytes = pools[0][0][0].numel() * pools[0][0].element_size()
         self.device = pools[0][0].device
+        self.max_run_pages = max(1, MAX_REGION_BYTES // self.page_bytes)
+        self._free: list[torch.Tensor] = []  # staging buffers to reuse (first touch is costly)
 
     @property
     def num_layers(self) -> int:
@@ -63,16 +69,38 @@ class PoolSet:
         """Contiguous views in wire byte order: per layer, K then V, per run."""
         return [pool[start : start + count] for layer in layers for pool in self.pools[layer] for start, count in runs]
 
+    def bases(self, layers: range) -> list[int]:
+        """data_ptr of each pool in wire order: per layer, K then V."""
+        return [pool.data_ptr() for layer in layers for pool in self.pools[layer]]
+
+    def regions(self, bases: list[int], starts: list[int], counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(addresses, lengths) of every run in every pool, in wire order, without Python loops."""
+        base = np.asarray(bases, dtype=np.uint64)[:, None]
+        offsets = np.asarray(starts, dtype=np.uint64)[None, :] * np.uint64(self.page_bytes)
+        lengths = np.asarray(counts, dtype=np.uint64) * np.uint64(self.page_bytes)
+        return (base + offsets).reshape(-1), np.tile(lengths, len(bases))
+
     def staging(self, layers: range, num_pages: int) -> torch.Tensor:
+        """A [layers * (K, V), n, page, heads, dim] buffer, reused when one is free."""
         k = self.pools[0][0]
-        shape = (len(layers) * 2, num_pages, *k.shape[1:])  # [layers * (K, V), n, page, heads, dim]
+        shape = (len(layers) * 2, num_pages, *k.shape[1:])
+        numel = len(layers) * 2 * num_pages * k[0].numel()
+        for i, buf in enumerate(self._free):
+            if buf.numel() >= numel:
+                return self._free.pop(i)[:numel].view(shape)
         return torch.empty(shape, dtype=k.dtype, device=k.device)
+
+    def release(self, staging: torch.Tensor) -> None:
+        """Give a staging buffer back for reuse (kept up to STAGING_CACHE_BYTES in all)."""
+        flat = staging.view(-1)
+        cached = sum(b.numel() * b.element_size() for b in self._free)
+        if cached + flat.numel() * flat.element_size() <= STAGING_CACHE_BYTES:
+            self._free.append(flat)
 
     def _flat_pools(self, layers: range) -> list[torch.Tensor]:
         return [pool for layer in layers for pool in self.pools[layer]]
 
-    def gather(self, layers: range, pages: list[int]) -> torch.Tensor:
-        out = self.staging(layers, len(pages))
+    def gather(self, layers: range, pages: list[int], out: torch.Tensor) -> torch.Tensor:
         ids = torch.tensor(pages, dtype=torch.int64, device=self.device)
         gather_pages_ref(self._flat_pools(layers), ids, out)
         return out

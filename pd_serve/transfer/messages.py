@@ -90,7 +90,8 @@ class Data:
     runs: list[list[int]]
     nbytes: int
     staged: bool
-    src_iov: list[list[int]] | None = None  # cma: [address, length] in byte order
+    src_base: list[int] | None = None  # cma: address of each source pool, per layer K then V
+    src_starts: list[int] | None = None  # cma: first source page of each run
     tag: int | None = None  # ucx: first tag; part i is sent with tag + i
     parts: int = 1  # ucx: number of tag messages
 

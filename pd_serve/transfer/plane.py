@@ -29,9 +29,11 @@ class DataPlane:
     name = "base"
     gathers = True
     stages_receive = True
+    needs_views = True  # False: the plane works from addresses (pools.regions), not tensor views
 
     def __init__(self, config: TransferConfig) -> None:
         self.config = config
+        self.pools: Any = None  # the engine's PoolSet, set before start()
 
     async def start(self) -> None:
         return None
@@ -81,13 +83,17 @@ class TcpPlane(DataPlane):
         return ok
 
 
-def make_plane(config: TransferConfig) -> DataPlane:
+def make_plane(config: TransferConfig, pools: Any) -> DataPlane:
+    plane: DataPlane
     if config.backend == "tcp":
-        return TcpPlane(config)
-    if config.backend == "cma":
+        plane = TcpPlane(config)
+    elif config.backend == "cma":
         from pd_serve.transfer.cma_plane import CmaPlane
 
-        return CmaPlane(config)
-    from pd_serve.transfer.ucx_plane import UcxPlane
+        plane = CmaPlane(config)
+    else:
+        from pd_serve.transfer.ucx_plane import UcxPlane
 
-    return UcxPlane(config)
+        plane = UcxPlane(config)
+    plane.pools = pools
+    return plane

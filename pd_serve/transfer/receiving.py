@@ -122,7 +122,12 @@ class ReceivePath:
         layers = range(*msg.layers)
         pages = expand(msg.runs)
         stage = msg.staged and self.plane.stages_receive
-        views = [self.pools.staging(layers, len(pages))] if stage else self.pools.run_views(layers, [(r[0], r[1]) for r in msg.runs])
+        if stage:
+            views = [self.pools.staging(layers, len(pages))]
+        elif self.plane.needs_views:
+            views = self.pools.run_views(layers, [(r[0], r[1]) for r in msg.runs])
+        else:
+            views = []
         room.inflight_writes += 1
         try:
             ok = await self.plane.receive(conn, msg, payload_len, views, lambda: room.live)
@@ -130,6 +135,8 @@ class ReceivePath:
                 await asyncio.to_thread(self.pools.scatter, views[0], layers, pages)
         finally:
             room.inflight_writes -= 1
+            if stage:
+                self.pools.release(views[0])
         if ok and room.live:
             self._record(room, msg, layers, pages)
 

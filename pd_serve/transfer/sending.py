@@ -62,24 +62,35 @@ class SendPath:
     async def _send(self, room: Room, src_pages: list[int], layers: range, first_page: int) -> None:
         assert room.destination is not None
         dst_pages = room.destination.page_ids[first_page : first_page + len(src_pages)]
-        runs = coalesce(src_pages, dst_pages)
+        runs = coalesce(src_pages, dst_pages, self.pools.max_run_pages)
         staged = self.plane.gathers and should_stage(runs, self.pools.page_bytes, self.config.min_run_bytes)
         room.advance(RoomState.TRANSFERRING)
-        if staged:
-            views = [await asyncio.to_thread(self.pools.gather, layers, src_pages)]
-            wire_runs = [[r.dst, r.pages] for r in coalesce(dst_pages, dst_pages)]
-        else:
-            views = self.pools.run_views(layers, [(r.src, r.pages) for r in runs])
-            wire_runs = [[r.dst, r.pages] for r in runs]
         nbytes = len(layers) * 2 * len(src_pages) * self.pools.page_bytes
-        header = Data(room.room, room.data_done, [layers.start, layers.stop], wire_runs, nbytes, staged)
-        if not room.live:
-            return
-        await self.plane.send_data(room.conn, header, views)
+        header = Data(room.room, room.data_done, [layers.start, layers.stop], [], nbytes, staged)
+        if staged:
+            staging = self.pools.staging(layers, len(src_pages))
+            try:
+                await asyncio.to_thread(self.pools.gather, layers, src_pages, staging)
+                runs = coalesce(dst_pages, dst_pages, self.pools.max_run_pages)
+                header.runs.extend([r.dst, r.pages] for r in runs)
+                await self._send_data(room, header, [staging])
+            finally:
+                self.pools.release(staging)
+        else:
+            header.runs.extend([r.dst, r.pages] for r in runs)
+            if self.plane.needs_views:
+                await self._send_data(room, header, self.pools.run_views(layers, [(r.src, r.pages) for r in runs]))
+            else:
+                src = {"src_base": self.pools.bases(layers), "src_starts": [r.src for r in runs]}
+                await self._send_data(room, Data(**{**header.__dict__, **src}), [])
         room.data_done += 1
         room.bytes_done += nbytes
         room.touch()
         self.stats["sent_bytes"] += nbytes
+
+    async def _send_data(self, room: Room, header: Data, views: list[Any]) -> None:
+        if room.live:
+            await self.plane.send_data(room.conn, header, views)
 
     async def _finish(self, room: Room, first_token: int, logprobs: Any) -> None:
         room.advance(RoomState.TRANSFERRING)

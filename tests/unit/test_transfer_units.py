@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -17,7 +18,7 @@ from pd_serve.transfer import (
     TransferConfigError,
     TransferEngine,
 )
-from pd_serve.transfer.cma_plane import pair_segments
+from pd_serve.transfer.cma_plane import iovecs, read_remote
 from pd_serve.transfer.layout import PoolSet, Run, coalesce, expand, should_stage
 from pd_serve.transfer.messages import Data, Finish, MessageError, RoomRequest, decode, encode
 from pd_serve.transfer.node import Node
@@ -60,6 +61,7 @@ def test_pools_must_match_the_fingerprint() -> None:
 def test_coalesce_merges_runs_contiguous_on_both_sides() -> None:
     assert coalesce([1, 2, 3, 7], [10, 11, 12, 13]) == [Run(1, 10, 3), Run(7, 13, 1)]
     assert coalesce([5, 4], [0, 1]) == [Run(5, 0, 1), Run(4, 1, 1)]
+    assert coalesce([1, 2, 3], [1, 2, 3], max_pages=2) == [Run(1, 1, 2), Run(3, 3, 1)]
     assert expand([[3, 2], [9, 1]]) == [3, 4, 9]
     assert should_stage([Run(0, 0, 1), Run(5, 5, 1)], page_bytes=1024, min_run_bytes=4096)
     assert not should_stage([Run(0, 0, 64)], page_bytes=1024, min_run_bytes=4096)
@@ -70,15 +72,30 @@ def test_gather_then_scatter_round_trips() -> None:
     for k, v in src.pools:
         k.copy_(torch.randn_like(k))
         v.copy_(torch.randn_like(v))
-    staging = src.gather(range(2), [6, 1, 3])
+    staging = src.gather(range(2), [6, 1, 3], src.staging(range(2), 3))
     dst.scatter(staging, range(2), [0, 7, 2])
     assert torch.equal(dst.pools[1][1][[0, 7, 2]], src.pools[1][1][[6, 1, 3]])
 
 
-def test_pair_segments_splits_at_both_boundaries() -> None:
-    assert pair_segments([(100, 6)], [(0, 2), (50, 4)]) == [(100, 0, 2), (102, 50, 4)]
-    with pytest.raises(ValueError):
-        pair_segments([(0, 4)], [(0, 5)])
+def test_cma_regions_read_pages_in_wire_order() -> None:
+    src, dst = PoolSet(pools(), FP), PoolSet(pools(), FP)
+    for k, v in src.pools:
+        k.copy_(torch.randn_like(k))
+        v.copy_(torch.randn_like(v))
+    remote = iovecs(*src.regions(src.bases(range(1, 2)), [5, 0], [2, 1]))
+    local = iovecs(*dst.regions(dst.bases(range(1, 2)), [1, 7], [2, 1]))
+    assert read_remote(os.getpid(), local, remote)
+    assert torch.equal(dst.pools[1][0][[1, 2, 7]], src.pools[1][0][[5, 6, 0]])
+    assert torch.equal(dst.pools[1][1][[1, 2, 7]], src.pools[1][1][[5, 6, 0]])
+    assert not dst.pools[0][0].any()
+
+
+def test_staging_buffers_are_reused() -> None:
+    ps = PoolSet(pools(), FP)
+    first = ps.staging(range(2), 3)
+    ps.release(first)
+    again = ps.staging(range(1), 2)
+    assert again.data_ptr() == first.data_ptr() and again.shape == (2, 2, 4, 2, 8)
 
 
 def test_codec_round_trips_and_rejects_garbage() -> None:
