@@ -28,22 +28,39 @@ from pd_serve.transfer import RoomState, TransferConfig, TransferEngine
 
 LAYERS, PAGE, HEADS, DIM = 32, 16, 8, 128
 POOL_PAGES = 264
-FP = dict(architecture="llama", num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, dtype="bfloat16",
-          page_size=PAGE, config_hash="bench")
+FP = dict(
+    architecture="llama",
+    num_layers=LAYERS,
+    num_kv_heads=HEADS,
+    head_dim=DIM,
+    dtype="bfloat16",
+    page_size=PAGE,
+    config_hash="bench",
+)
 PAGE_BYTES = PAGE * HEADS * DIM * 2
 TIMEOUT_S = 60.0
 
 
 def make_config(backend: str) -> TransferConfig:
     name, eh = (backend[:-5], False) if backend.endswith("-noeh") else (backend, True)
-    return TransferConfig(backend=name, ucx_error_handling=eh, bootstrap_timeout=TIMEOUT_S,
-                          waiting_timeout=TIMEOUT_S, transfer_timeout=TIMEOUT_S)
+    return TransferConfig(
+        backend=name,
+        ucx_error_handling=eh,
+        bootstrap_timeout=TIMEOUT_S,
+        waiting_timeout=TIMEOUT_S,
+        transfer_timeout=TIMEOUT_S,
+    )
 
 
 def make_pools(fill: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (POOL_PAGES, PAGE, HEADS, DIM)
-    return [(torch.full(shape, fill + i, dtype=torch.bfloat16), torch.full(shape, -fill - i, dtype=torch.bfloat16))
-            for i in range(LAYERS)]
+    return [
+        (
+            torch.full(shape, fill + i, dtype=torch.bfloat16),
+            torch.full(shape, -fill - i, dtype=torch.bfloat16),
+        )
+        for i in range(LAYERS)
+    ]
 
 
 def _wait(handle: Any, timeout: float = TIMEOUT_S) -> RoomState:
@@ -117,13 +134,20 @@ def measure(engine: TransferEngine, conn: Any, endpoint: str, pages: int, reps: 
     contiguous = list(range(pages))
     scattered = random.Random(0).sample(range(POOL_PAGES), pages)
     run_room(engine, conn, endpoint, contiguous, contiguous)  # warm-up: connection, first touch
-    rows: dict[str, list[float]] = {"GBps": [], "scattered_GBps": [], "memcpy_GBps": [], "torch_copy_GBps": []}
+    rows: dict[str, list[float]] = {
+        "GBps": [],
+        "scattered_GBps": [],
+        "memcpy_GBps": [],
+        "torch_copy_GBps": [],
+    }
     for _ in range(reps):
         rows["GBps"].append(nbytes / run_room(engine, conn, endpoint, contiguous, contiguous) / 1e9)
         libc, torch_copy = memcpy_gbps(nbytes)
         rows["memcpy_GBps"].append(libc)
         rows["torch_copy_GBps"].append(torch_copy)
-        rows["scattered_GBps"].append(nbytes / run_room(engine, conn, endpoint, scattered, scattered[::-1]) / 1e9)
+        rows["scattered_GBps"].append(
+            nbytes / run_room(engine, conn, endpoint, scattered, scattered[::-1]) / 1e9
+        )
     lat1 = [run_room(engine, conn, endpoint, [7], [9]) * 1e3 for _ in range(max(reps, 5))]
     lat256 = [run_room(engine, conn, endpoint, list(range(256)), list(range(256))) * 1e3 for _ in range(2)]
     out: dict[str, Any] = {k: round(statistics.median(v), 3) for k, v in rows.items()}
@@ -145,7 +169,12 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {b: bench_backend(b, args.pages, args.reps) for b in args.backends.split(",")}
     best = max(results, key=lambda b: results[b]["ratio_to_memcpy"])
-    report = {"layout": FP, "backends": results, "best_backend": best, "best_ratio_to_memcpy": results[best]["ratio_to_memcpy"]}
+    report = {
+        "layout": FP,
+        "backends": results,
+        "best_backend": best,
+        "best_ratio_to_memcpy": results[best]["ratio_to_memcpy"],
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -35,7 +35,12 @@ class _Iovec(ctypes.Structure):
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_readv.argtypes = [
-    ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong,
+    ctypes.c_int,
+    ctypes.POINTER(_Iovec),
+    ctypes.c_ulong,
+    ctypes.POINTER(_Iovec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
 ]
 
 
@@ -48,7 +53,9 @@ def iovecs(addresses: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_remote(pid: int, local: np.ndarray, remote: np.ndarray, live: Callable[[], bool] | None = None) -> bool:
+def read_remote(
+    pid: int, local: np.ndarray, remote: np.ndarray, live: Callable[[], bool] | None = None
+) -> bool:
     """Copy `remote` iovecs of process `pid` into `local` iovecs (same lengths, in order), up to
     IOV_MAX at a time, stopping early once `live()` is False; raises OSError on failure."""
     for start in range(0, len(local), _IOV_MAX):
@@ -101,7 +108,12 @@ class CmaPlane(DataPlane):
         await conn.send(header)  # carries src_base / src_starts; the receiver pulls
 
     async def receive(
-        self, conn: Connection, header: Data, payload_len: int, views: list[torch.Tensor], live: Callable[[], bool]
+        self,
+        conn: Connection,
+        header: Data,
+        payload_len: int,
+        views: list[torch.Tensor],
+        live: Callable[[], bool],
     ) -> bool:
         if header.src_base is None or header.src_starts is None or payload_len:
             raise ConnectionError("cma Data without source addresses")
@@ -109,6 +121,8 @@ class CmaPlane(DataPlane):
         counts = [count for _, count in header.runs]
         if len(header.src_starts) != len(counts) or len(header.src_base) != 2 * (end - first):
             raise ConnectionError("cma Data source addresses do not match its runs")
-        local = iovecs(*self.pools.regions(self.pools.bases(range(first, end)), [s for s, _ in header.runs], counts))
+        local = iovecs(
+            *self.pools.regions(self.pools.bases(range(first, end)), [s for s, _ in header.runs], counts)
+        )
         remote = iovecs(*self.pools.regions(header.src_base, header.src_starts, counts))
         return await asyncio.to_thread(read_remote, conn.hello.pid, local, remote, live) and live()

@@ -26,12 +26,16 @@ START_TIMEOUT_S = 60.0
 
 
 class TransferEngine:
-    def __init__(self, config: TransferConfig, pools: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: Any) -> None:
+    def __init__(
+        self, config: TransferConfig, pools: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: Any
+    ) -> None:
         self.config = config
         self.fingerprint = LayoutFingerprint.from_value(fingerprint)
         self.pools = PoolSet(list(pools), self.fingerprint)
         if self.pools.device.type != "cpu" and config.backend != "ucx":
-            raise ValueError(f"backend: {config.backend!r} moves host memory only; use ucx for {self.pools.device} pools")
+            raise ValueError(
+                f"backend: {config.backend!r} moves host memory only; use ucx for {self.pools.device} pools"
+            )
         self._node: Node | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -39,7 +43,10 @@ class TransferEngine:
         self._start_error: BaseException | None = None
         self._port = 0
         self._lock = threading.Lock()
-        self._claimed: dict[str, OrderedDict[int, Room]] = {"sender": OrderedDict(), "receiver": OrderedDict()}
+        self._claimed: dict[str, OrderedDict[int, Room]] = {
+            "sender": OrderedDict(),
+            "receiver": OrderedDict(),
+        }
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -124,7 +131,9 @@ class TransferEngine:
         claimed = self._claimed[role]
         with self._lock:
             if room.room in claimed:
-                raise ValueError(f"room {room.room}: already used by a {role} on this engine (duplicate room id)")
+                raise ValueError(
+                    f"room {room.room}: already used by a {role} on this engine (duplicate room id)"
+                )
             claimed[room.room] = room
             while len(claimed) > self.config.finished_rooms_kept and not next(iter(claimed.values())).live:
                 claimed.popitem(last=False)
@@ -139,8 +148,15 @@ class TransferEngine:
             raise ValueError("dst_page_ids: contains a page id twice")
         needed = -(-int(expected_tokens) // self.fingerprint.page_size)
         if expected_tokens < 1 or needed > len(pages):
-            raise ValueError(f"expected_tokens: {expected_tokens} needs {needed} pages, dst_page_ids has {len(pages)}")
-        record = Room(int(room), "receiver", self.config, destination=Destination(pages, int(expected_tokens), prompt_hash))
+            raise ValueError(
+                f"expected_tokens: {expected_tokens} needs {needed} pages, dst_page_ids has {len(pages)}"
+            )
+        record = Room(
+            int(room),
+            "receiver",
+            self.config,
+            destination=Destination(pages, int(expected_tokens), prompt_hash),
+        )
         self._claim("receiver", record)
         self._call(self._node_call("add_receiver"), record, peer_endpoint)
         return KVReceiver(record, self._call, self._node)

@@ -51,7 +51,9 @@ class KVReceiver(_Handle):
 class KVSender(_Handle):
     """Prefill side: learns the destination, sends pages (all or per layer range), then finishes."""
 
-    def __init__(self, room: Room, call: Callable[..., None], node: Any, num_layers: int, num_pages: int) -> None:
+    def __init__(
+        self, room: Room, call: Callable[..., None], node: Any, num_layers: int, num_pages: int
+    ) -> None:
         super().__init__(room, call, node)
         self._num_layers, self._num_pages = num_layers, num_pages
         self._finished = False
@@ -60,7 +62,9 @@ class KVSender(_Handle):
         """Destination pages, expected tokens and prompt hash, once the receiver's request arrived."""
         return self._room.destination
 
-    def send(self, src_page_ids: list[int], layers: range | tuple[int, int] | None = None, first_page: int = 0) -> None:
+    def send(
+        self, src_page_ids: list[int], layers: range | tuple[int, int] | None = None, first_page: int = 0
+    ) -> None:
         """Queue `src_page_ids` (all layers, or layers [first, end)) for destination pages
         `destination().page_ids[first_page : first_page + len(src_page_ids)]`."""
         dest = self._room.destination
@@ -83,7 +87,13 @@ class KVSender(_Handle):
         self._call(self._node.queue_send, self._room, pages, span, first_page)
 
     def _layers(self, layers: range | tuple[int, int] | None) -> range:
-        span = range(self._num_layers) if layers is None else range(*layers) if isinstance(layers, tuple) else layers
+        span = (
+            range(self._num_layers)
+            if layers is None
+            else range(*layers)
+            if isinstance(layers, tuple)
+            else layers
+        )
         if span.step != 1 or not 0 <= span.start < span.stop <= self._num_layers:
             raise ValueError(f"layers: {layers!r} is not a non-empty range within 0..{self._num_layers}")
         return span

@@ -46,7 +46,9 @@ def expand(runs: list[list[int]]) -> list[int]:
 class PoolSet:
     """Per layer one K and one V pool, `[num_pages, page_size, num_kv_heads, head_dim]` each."""
 
-    def __init__(self, pools: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: LayoutFingerprint) -> None:
+    def __init__(
+        self, pools: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: LayoutFingerprint
+    ) -> None:
         check_pools(pools, fingerprint)
         self.pools = pools
         self.fingerprint = fingerprint
@@ -67,13 +69,20 @@ class PoolSet:
 
     def run_views(self, layers: range, runs: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Contiguous views in wire byte order: per layer, K then V, per run."""
-        return [pool[start : start + count] for layer in layers for pool in self.pools[layer] for start, count in runs]
+        return [
+            pool[start : start + count]
+            for layer in layers
+            for pool in self.pools[layer]
+            for start, count in runs
+        ]
 
     def bases(self, layers: range) -> list[int]:
         """data_ptr of each pool in wire order: per layer, K then V."""
         return [pool.data_ptr() for layer in layers for pool in self.pools[layer]]
 
-    def regions(self, bases: list[int], starts: list[int], counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def regions(
+        self, bases: list[int], starts: list[int], counts: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(addresses, lengths) of every run in every pool, in wire order, without Python loops."""
         base = np.asarray(bases, dtype=np.uint64)[:, None]
         offsets = np.asarray(starts, dtype=np.uint64)[None, :] * np.uint64(self.page_bytes)
@@ -120,7 +129,9 @@ def check_pools(pools: list[tuple[torch.Tensor, torch.Tensor]], fp: LayoutFinger
         for name, pool in zip("KV", pair):
             where = f"pools[{layer}].{name}"
             if pool.dim() != 4 or tuple(pool.shape[1:]) != expected_tail:
-                raise ValueError(f"{where}: shape {tuple(pool.shape)} is not [num_pages, {', '.join(map(str, expected_tail))}]")
+                raise ValueError(
+                    f"{where}: shape {tuple(pool.shape)} is not [num_pages, {', '.join(map(str, expected_tail))}]"
+                )
             if str(pool.dtype).removeprefix("torch.") != fp.dtype:
                 raise ValueError(f"{where}: dtype {pool.dtype} differs from fingerprint dtype {fp.dtype}")
             if pool.shape[0] != first.shape[0] or pool.device != first.device:

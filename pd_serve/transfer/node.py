@@ -72,7 +72,9 @@ class Node(SendPath, ReceivePath):
         loop = asyncio.get_running_loop()
         while True:
             sock, addr = await loop.sock_accept(lsock)
-            conn = Connection(sock, f"{addr[0]}:{addr[1]}", outbound=False, chunk_bytes=self.config.chunk_bytes)
+            conn = Connection(
+                sock, f"{addr[0]}:{addr[1]}", outbound=False, chunk_bytes=self.config.chunk_bytes
+            )
             self.inbound.add(conn)
             self.spawn(self._run_conn(conn))
 
@@ -111,7 +113,9 @@ class Node(SendPath, ReceivePath):
     async def _open(self, endpoint: str) -> Connection:
         scheme, _, address = endpoint.partition("://")
         if scheme != self.plane.name:
-            raise ConnectionError(f"peer endpoint {endpoint!r} uses backend {scheme!r}, this engine uses {self.plane.name!r}")
+            raise ConnectionError(
+                f"peer endpoint {endpoint!r} uses backend {scheme!r}, this engine uses {self.plane.name!r}"
+            )
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -123,7 +127,14 @@ class Node(SendPath, ReceivePath):
             raise
         conn = Connection(sock, endpoint, outbound=True, chunk_bytes=self.config.chunk_bytes)
         self.spawn(self._run_conn(conn))
-        hello = Hello(PROTOCOL_VERSION, self.plane.name, self.config.token, self.host_id, os.getpid(), **self.plane.hello_fields(conn))
+        hello = Hello(
+            PROTOCOL_VERSION,
+            self.plane.name,
+            self.config.token,
+            self.host_id,
+            os.getpid(),
+            **self.plane.hello_fields(conn),
+        )
         await conn.send(hello)
         await asyncio.wait_for(asyncio.shield(conn.ready), self.config.connect_timeout)
         return conn
@@ -197,7 +208,11 @@ class Node(SendPath, ReceivePath):
 
     def _request_refusal(self, msg: RoomRequest) -> str | None:
         room = self.senders.get(msg.room)
-        if msg.room in self.pending or msg.room in self.finished or (room is not None and room.destination is not None):
+        if (
+            msg.room in self.pending
+            or msg.room in self.finished
+            or (room is not None and room.destination is not None)
+        ):
             return f"duplicate room {msg.room}: a receiver already claimed it"
         try:
             theirs = LayoutFingerprint.from_value(msg.fingerprint)
@@ -283,7 +298,9 @@ class Node(SendPath, ReceivePath):
                 if now > deadline:
                     del self.pending[room_id]
                     seconds = self.config.bootstrap_timeout
-                    conn.send_soon(RoomAbort(room_id, f"no sender for the room within {seconds} s (bootstrap_timeout)"))
+                    conn.send_soon(
+                        RoomAbort(room_id, f"no sender for the room within {seconds} s (bootstrap_timeout)")
+                    )
 
     async def close(self) -> None:
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]

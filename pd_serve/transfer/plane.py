@@ -49,7 +49,12 @@ class DataPlane:
         raise NotImplementedError
 
     async def receive(
-        self, conn: Connection, header: Data, payload_len: int, views: list[torch.Tensor], live: Callable[[], bool]
+        self,
+        conn: Connection,
+        header: Data,
+        payload_len: int,
+        views: list[torch.Tensor],
+        live: Callable[[], bool],
     ) -> bool:
         raise NotImplementedError
 
@@ -73,10 +78,17 @@ class TcpPlane(DataPlane):
         await conn.send(header, [byte_view(v) for v in views])
 
     async def receive(
-        self, conn: Connection, header: Data, payload_len: int, views: list[torch.Tensor], live: Callable[[], bool]
+        self,
+        conn: Connection,
+        header: Data,
+        payload_len: int,
+        views: list[torch.Tensor],
+        live: Callable[[], bool],
     ) -> bool:
         if payload_len != sum(v.numel() * v.element_size() for v in views):
-            raise ConnectionError(f"Data payload of {payload_len} bytes does not match its {header.nbytes}-byte header")
+            raise ConnectionError(
+                f"Data payload of {payload_len} bytes does not match its {header.nbytes}-byte header"
+            )
         ok = True
         for view in views:
             ok = await conn.read_into(memoryview(byte_view(view)), live) and ok

@@ -65,7 +65,9 @@ class ReceivePath:
         conn.rooms.add(room.room)
         dest = room.destination
         assert dest is not None
-        request = RoomRequest(room.room, self.fingerprint.to_dict(), dest.page_ids, dest.expected_tokens, dest.prompt_hash)
+        request = RoomRequest(
+            room.room, self.fingerprint.to_dict(), dest.page_ids, dest.expected_tokens, dest.prompt_hash
+        )
         try:
             await conn.send(request)
         except (OSError, ConnectionClosed) as exc:
@@ -156,7 +158,11 @@ class ReceivePath:
             return
         if (msg.data_messages, msg.nbytes) != (room.data_done, room.bytes_done):
             got = f"{room.data_done} messages / {room.bytes_done} bytes"
-            self.fail(room, f"completion announces {msg.data_messages} messages / {msg.nbytes} bytes, got {got}", notify=True)
+            self.fail(
+                room,
+                f"completion announces {msg.data_messages} messages / {msg.nbytes} bytes, got {got}",
+                notify=True,
+            )
             return
         missing = room.missing_coverage(self.fingerprint.page_size)
         if missing is not None:

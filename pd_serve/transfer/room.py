@@ -93,7 +93,9 @@ class Room:
             RoomState.WAITING_FOR_INPUT: "waiting_timeout",
             RoomState.TRANSFERRING: "transfer_timeout",
         }[self.state]
-        return f"timed out after {seconds} s in {self.state.name} ({flag}, --transfer-{flag.replace('_', '-')})"
+        return (
+            f"timed out after {seconds} s in {self.state.name} ({flag}, --transfer-{flag.replace('_', '-')})"
+        )
 
     def missing_coverage(self, page_size: int) -> str | None:
         """Receiver: which (layer, page) still lacks data for the expected tokens, or None."""

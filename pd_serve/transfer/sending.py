@@ -42,7 +42,9 @@ class SendPath:
     def queue(self, room: Room, op: Coroutine[Any, Any, None]) -> None:
         room.tail = self.spawn(self._after(room.tail, room, op))
 
-    async def _after(self, previous: asyncio.Task[Any] | None, room: Room, op: Coroutine[Any, Any, None]) -> None:
+    async def _after(
+        self, previous: asyncio.Task[Any] | None, room: Room, op: Coroutine[Any, Any, None]
+    ) -> None:
         if previous is not None:
             await asyncio.wait([previous])
         if not room.live:
@@ -79,7 +81,9 @@ class SendPath:
         else:
             header.runs.extend([r.dst, r.pages] for r in runs)
             if self.plane.needs_views:
-                await self._send_data(room, header, self.pools.run_views(layers, [(r.src, r.pages) for r in runs]))
+                await self._send_data(
+                    room, header, self.pools.run_views(layers, [(r.src, r.pages) for r in runs])
+                )
             else:
                 src = {"src_base": self.pools.bases(layers), "src_starts": [r.src for r in runs]}
                 await self._send_data(room, Data(**{**header.__dict__, **src}), [])

@@ -108,10 +108,17 @@ class UcxPlane(DataPlane):
         tag = peer.next_tag(len(views))
         await conn.send(Data(**{**header.__dict__, "tag": tag, "parts": len(views)}))
         ep = peer.endpoint
-        await asyncio.gather(*[ep.send(byte_view(v), tag=tag + i, force_tag=True) for i, v in enumerate(views)])
+        await asyncio.gather(
+            *[ep.send(byte_view(v), tag=tag + i, force_tag=True) for i, v in enumerate(views)]
+        )
 
     async def receive(
-        self, conn: Connection, header: Data, payload_len: int, views: list[torch.Tensor], live: Callable[[], bool]
+        self,
+        conn: Connection,
+        header: Data,
+        payload_len: int,
+        views: list[torch.Tensor],
+        live: Callable[[], bool],
     ) -> bool:
         if header.tag is None or header.parts != len(views):
             raise ConnectionError(f"ucx Data with {header.parts} parts for {len(views)} destination regions")
@@ -121,7 +128,9 @@ class UcxPlane(DataPlane):
 
     async def discard(self, conn: Connection, header: Data, payload_len: int, part_bytes: list[int]) -> None:
         if header.tag is not None and conn.plane_state is not None:
-            await self._recv_all(conn, header.tag, [torch.empty(n, dtype=torch.uint8).numpy() for n in part_bytes])
+            await self._recv_all(
+                conn, header.tag, [torch.empty(n, dtype=torch.uint8).numpy() for n in part_bytes]
+            )
 
     def _scratch(self, view: torch.Tensor) -> Any:
         return torch.empty(view.numel() * view.element_size(), dtype=torch.uint8, device=view.device).numpy()
@@ -133,7 +142,9 @@ class UcxPlane(DataPlane):
             await asyncio.wait_for(recvs, self.config.transfer_timeout)
         except asyncio.TimeoutError:
             ep.abort()  # cancels the posted receives, so nothing writes into the pages afterwards
-            raise ConnectionError(f"ucx receive from {conn.peer} made no progress within transfer_timeout") from None
+            raise ConnectionError(
+                f"ucx receive from {conn.peer} made no progress within transfer_timeout"
+            ) from None
 
     def close_connection(self, conn: Connection) -> None:
         peer = conn.plane_state

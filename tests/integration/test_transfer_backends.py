@@ -51,7 +51,11 @@ def test_many_concurrent_rooms_are_byte_exact(peer, decode) -> None:  # type: ig
     handles = []
     for room, src, dst, action in plans:
         peer.expect(room, src, action)
-        handles.append(decode.receiver(room, peer.endpoint, dst, expected_tokens=len(dst) * 4 - 1, prompt_hash=f"h{room}"))
+        handles.append(
+            decode.receiver(
+                room, peer.endpoint, dst, expected_tokens=len(dst) * 4 - 1, prompt_hash=f"h{room}"
+            )
+        )
     assert wait_terminal(handles) == [RoomState.SUCCESS] * len(handles), [h.failure_reason for h in handles]
     assert all(s == "SUCCESS" for s, _ in peer.wait_status([p[0] for p in plans], "SUCCESS").values())
     for (room, src, dst, action), rx in zip(plans, handles):
@@ -130,7 +134,9 @@ def test_duplicate_room_is_refused(peer, decode) -> None:  # type: ignore[no-unt
 def test_float32_then_kill_9_of_prefill_fails_decode_rooms(backend: str) -> None:
     victim = Peer(backend, "float32", SEED + 1, None)
     try:
-        with TransferEngine(config(backend, None), make_pools("float32", None), fingerprint("float32")) as engine:
+        with TransferEngine(
+            config(backend, None), make_pools("float32", None), fingerprint("float32")
+        ) as engine:
             (room,) = _rooms(1)
             src, dst = [40, 3, 17, 18], [60, 61, 2, 90]
             victim.expect(room, src, "split")
@@ -143,12 +149,37 @@ def test_float32_then_kill_9_of_prefill_fails_decode_rooms(backend: str) -> None
             rooms = _rooms(4)
             for i, room in enumerate(rooms):
                 victim.expect(room, [2 * i, 2 * i + 1], "partial")
-            handles = [engine.receiver(r, victim.endpoint, [10 + i, 20 + i], 8, "h") for i, r in enumerate(rooms)]
+            handles = [
+                engine.receiver(r, victim.endpoint, [10 + i, 20 + i], 8, "h") for i, r in enumerate(rooms)
+            ]
             assert wait_state(handles, RoomState.TRANSFERRING)
             killed_at = time.monotonic()
             victim.kill()
             assert wait_terminal(handles, timeout=TIMEOUT_S + 3) == [RoomState.FAILED] * 4
             assert time.monotonic() - killed_at < TIMEOUT_S + 3
             assert all(h.failure_reason for h in handles)
+    finally:
+        victim.kill()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_9_of_decode_fails_prefill_rooms(backend: str) -> None:
+    victim = Peer(backend, DTYPE, SEED, None)
+    try:
+        with TransferEngine(config(backend, None), make_pools(DTYPE, SEED), fingerprint(DTYPE)) as engine:
+            rooms = _rooms(4)
+            handles = [engine.sender(r) for r in rooms]
+            for i, room in enumerate(rooms):
+                victim.cmd(
+                    op="receive", room=room, endpoint=engine.endpoint, dst=[2 * i, 2 * i + 1], tokens=8
+                )
+            assert wait_state(handles, RoomState.WAITING_FOR_INPUT)
+            for i, tx in enumerate(handles):
+                tx.send([10 + i, 30 + i], layers=(0, 1))
+            assert wait_state(handles, RoomState.TRANSFERRING)
+            killed_at = time.monotonic()
+            victim.kill()
+            assert wait_terminal(handles, timeout=TIMEOUT_S + 3) == [RoomState.FAILED] * 4
+            assert time.monotonic() - killed_at < TIMEOUT_S + 3
     finally:
         victim.kill()

@@ -38,7 +38,9 @@ class Peer:
         try:
             return self._lines.get(timeout=timeout)
         except queue.Empty:
-            raise TimeoutError(f"transfer peer said nothing within {timeout} s (exit code {self.proc.poll()})") from None
+            raise TimeoutError(
+                f"transfer peer said nothing within {timeout} s (exit code {self.proc.poll()})"
+            ) from None
 
     def cmd(self, **command: Any) -> Any:
         assert self.proc.stdin is not None
@@ -52,7 +54,9 @@ class Peer:
     def status(self, rooms: list[int]) -> dict[int, tuple[str, str | None]]:
         return {int(k): (v[0], v[1]) for k, v in self.cmd(op="status", rooms=rooms).items()}
 
-    def wait_status(self, rooms: list[int], state: str, timeout: float = 10.0) -> dict[int, tuple[str, str | None]]:
+    def wait_status(
+        self, rooms: list[int], state: str, timeout: float = 10.0
+    ) -> dict[int, tuple[str, str | None]]:
         deadline = time.monotonic() + timeout
         while True:
             status = self.status(rooms)

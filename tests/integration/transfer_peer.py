@@ -3,6 +3,7 @@
 Usage: python transfer_peer.py BACKEND DTYPE SEED TOKEN|- . It prints its endpoint as the first
 stdout line, then reads JSON commands on stdin and answers each with one JSON line:
   {"op": "expect", "room": R, "src": [...], "action": "send"|"split"|"partial"|"abort"|"hold"}
+  {"op": "receive", "room": R, "endpoint": E, "dst": [...], "tokens": T}  (act as decode instead)
   {"op": "status", "rooms": [R, ...]}  ->  {"R": [state, reason], ...}
 Pools are random from SEED, so the test rebuilds the same bytes with `make_pools`.
 """
@@ -23,23 +24,39 @@ TIMEOUT_S = 2.5
 
 
 def fingerprint(dtype: str, config_hash: str = "cfg-1") -> dict[str, object]:
-    return dict(architecture="llama", num_layers=NUM_LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM,
-                dtype=dtype, page_size=PAGE_SIZE, config_hash=config_hash)
+    return dict(
+        architecture="llama",
+        num_layers=NUM_LAYERS,
+        num_kv_heads=HEADS,
+        head_dim=HEAD_DIM,
+        dtype=dtype,
+        page_size=PAGE_SIZE,
+        config_hash=config_hash,
+    )
 
 
 def make_pools(dtype: str, seed: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (NUM_PAGES, PAGE_SIZE, HEADS, HEAD_DIM)
     gen = torch.Generator().manual_seed(seed or 0)
+
     def one() -> torch.Tensor:
         if seed is None:
             return torch.zeros(shape, dtype=getattr(torch, dtype))
         return torch.randn(shape, generator=gen).to(getattr(torch, dtype))
+
     return [(one(), one()) for _ in range(NUM_LAYERS)]
 
 
 def config(backend: str, token: str | None) -> TransferConfig:
-    return TransferConfig(backend=backend, bootstrap_timeout=TIMEOUT_S, waiting_timeout=TIMEOUT_S,
-                          transfer_timeout=TIMEOUT_S, connect_timeout=TIMEOUT_S, token=token, min_run_bytes=1024)
+    return TransferConfig(
+        backend=backend,
+        bootstrap_timeout=TIMEOUT_S,
+        waiting_timeout=TIMEOUT_S,
+        transfer_timeout=TIMEOUT_S,
+        connect_timeout=TIMEOUT_S,
+        token=token,
+        min_run_bytes=1024,
+    )
 
 
 def act(tx, src: list[int], action: str, room: int) -> None:  # type: ignore[no-untyped-def]
@@ -57,7 +74,9 @@ def act(tx, src: list[int], action: str, room: int) -> None:  # type: ignore[no-
 
 def main() -> None:
     backend, dtype, seed, token = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    engine = TransferEngine(config(backend, None if token == "-" else token), make_pools(dtype, seed), fingerprint(dtype)).start()
+    engine = TransferEngine(
+        config(backend, None if token == "-" else token), make_pools(dtype, seed), fingerprint(dtype)
+    ).start()
     print(engine.endpoint, flush=True)
     senders: dict[int, object] = {}
     todo: dict[int, tuple[list[int], str]] = {}
@@ -82,6 +101,11 @@ def main() -> None:
                 senders[cmd["room"]] = engine.sender(cmd["room"])
                 todo[cmd["room"]] = (cmd["src"], cmd["action"])
             reply: object = {"ok": True}
+        elif cmd["op"] == "receive":
+            senders[cmd["room"]] = engine.receiver(
+                cmd["room"], cmd["endpoint"], cmd["dst"], cmd["tokens"], "h"
+            )
+            reply = {"ok": True}
         else:
             reply = {str(r): [senders[r].poll().name, senders[r].failure_reason] for r in cmd["rooms"]}  # type: ignore[attr-defined]
         print(json.dumps(reply), flush=True)

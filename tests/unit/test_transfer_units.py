@@ -29,7 +29,10 @@ FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
 
 
 def pools(n_pages: int = 8, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(torch.zeros(n_pages, 4, 2, 8, dtype=dtype), torch.zeros(n_pages, 4, 2, 8, dtype=dtype)) for _ in range(2)]
+    return [
+        (torch.zeros(n_pages, 4, 2, 8, dtype=dtype), torch.zeros(n_pages, 4, 2, 8, dtype=dtype))
+        for _ in range(2)
+    ]
 
 
 def test_config_errors_name_the_field() -> None:
@@ -155,7 +158,9 @@ def test_request_refusals_name_the_reason() -> None:
     node = Node(TransferConfig(), PoolSet(pools(), FP), TcpPlane(TransferConfig()))
     good = RoomRequest(5, FP.to_dict(), [0, 1], 8, "h")
     assert node._request_refusal(good) is None
-    assert "head_dim" in (node._request_refusal(RoomRequest(5, {**FP.to_dict(), "head_dim": 4}, [0], 4, "h")) or "")
+    assert "head_dim" in (
+        node._request_refusal(RoomRequest(5, {**FP.to_dict(), "head_dim": 4}, [0], 4, "h")) or ""
+    )
     assert "expected_tokens" in (node._request_refusal(RoomRequest(5, FP.to_dict(), [0], 8, "h")) or "")
     node.finished[5] = None
     assert "duplicate" in (node._request_refusal(good) or "")
