@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pd_serve.kernels import ops
 from pd_serve.kernels import reference as ref
 
 DECODE_GROUP = 16  # sequences padded together; small groups waste little on padding
@@ -61,12 +62,25 @@ def plan_decode(page_tables: list[list[int]], context_lens: list[int], page_size
 
 
 class PagedAttention:
-    def __init__(self, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor], meta: AttentionMetadata, scale: float) -> None:
+    """`kernel_backend` None: the CPU path below; "auto" or "triton": `kernels.ops` (GPU kernels)."""
+
+    def __init__(
+        self,
+        k_pools: list[torch.Tensor],
+        v_pools: list[torch.Tensor],
+        meta: AttentionMetadata,
+        scale: float,
+        kernel_backend: str | None = None,
+    ) -> None:
         self.k_pools, self.v_pools, self.meta, self.scale = k_pools, v_pools, meta, scale
+        self.kernel_backend = kernel_backend
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta
         kp, vp = self.k_pools[layer], self.v_pools[layer]
+        if self.kernel_backend is not None:
+            with ops.use_backend(self.kernel_backend):
+                return self._forward_kernels(q, k, v, kp, vp)
         ref.store_kv_ref(kp, vp, k, v, m.slot_mapping)
         nd = m.num_decode
         out = torch.empty_like(q)
@@ -98,6 +112,21 @@ class PagedAttention:
                 mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
                 o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[s:e] = o[0].transpose(0, 1)
+
+    def _forward_kernels(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor
+    ) -> torch.Tensor:
+        m = self.meta
+        ops.store_kv(kp, vp, k, v, m.slot_mapping)
+        nd = m.num_decode
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = ops.paged_decode_attention(q[:nd], kp, vp, m.decode_page_table, m.decode_context_lens, self.scale)
+        if nd < q.shape[0]:
+            out[nd:] = ops.extend_attention(
+                q[nd:], kp, vp, m.extend_page_table, m.extend_query_start, m.extend_context_lens, self.scale
+            )
+        return out
 
     def _decode(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, out: torch.Tensor) -> None:
         """q [b, H, D] -> out [b, H, D], one planned group at a time."""

@@ -80,7 +80,7 @@ class EngineCore:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
-        self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.runner = ModelRunner(self.model, self.kv, self.device, config.attention_backend)
         self.transfer: Any = None
         self.prefill_side: PrefillSide | None = None
         self.decode_side: DecodeSide | None = None

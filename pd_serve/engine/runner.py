@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import torch
 
+from pd_serve.config import ConfigError
 from pd_serve.engine.attention import AttentionMetadata, PagedAttention, plan_decode
 from pd_serve.engine.kv_cache import KVCache
 from pd_serve.engine.sampler import Sampler, SamplerOutput
@@ -25,8 +28,18 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv: KVCache, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, attention_backend: str = "auto") -> None:
         self.model, self.kv, self.device = model, kv, device
+        # None: the CPU attention path; otherwise the kernels.ops backend to run attention with
+        self.kernel_backend: str | None = None
+        if attention_backend == "triton" or (attention_backend == "auto" and device.type == "cuda"):
+            self.kernel_backend = "triton" if attention_backend == "triton" else "auto"
+        if self.kernel_backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            # triton reads it when triton.language is first imported, which may already have happened
+            raise ConfigError(
+                "attention_backend (--attention-backend) 'triton' on CPU runs Triton's interpreter: "
+                "start the process with TRITON_INTERPRET=1"
+            )
         self.page_size = kv.page_size
         self.sampler = Sampler(device)
 
@@ -66,7 +79,9 @@ class ModelRunner:
                 sampled.append(c)
         num_decode = sum(1 for c in chunks if c.num_tokens == 1)
         meta = self._metadata(chunks, num_decode, slots)
-        attn = PagedAttention(self.kv.k_pools, self.kv.v_pools, meta, self.model.config.attention_scale)
+        attn = PagedAttention(
+            self.kv.k_pools, self.kv.v_pools, meta, self.model.config.attention_scale, self.kernel_backend
+        )
         dev = self.device
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
@@ -89,7 +104,9 @@ class ModelRunner:
             extend_page_table=self._page_table(ext),
             extend_query_start=self._int32(starts),
             extend_context_lens=self._int32([c.start + c.num_tokens for c in ext]),
-            decode_groups=plan_decode([c.request.page_ids for c in dec], decode_lens, self.page_size, self.device),
+            decode_groups=[] if self.kernel_backend else plan_decode(
+                [c.request.page_ids for c in dec], decode_lens, self.page_size, self.device
+            ),
         )
 
     def _page_table(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from pd_serve.kernels.reference import rms_norm_ref, rotary_ref
+from pd_serve.kernels.ops import rms_norm, rotary
 from pd_serve.model.config import ModelConfig
 
 
@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rms_norm_ref(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_cos_sin(config: ModelConfig, max_positions: int) -> torch.Tensor:
@@ -95,7 +95,7 @@ class Attention(nn.Module):
             k = self.k_norm(k)[0]
         else:
             q, k = q.contiguous(), k.contiguous()
-        rotary_ref(q, k, positions, cos_sin)
+        rotary(q, k, positions, cos_sin)
         out = batch.attention.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(n, self.q_size))
 

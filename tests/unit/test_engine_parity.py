@@ -108,3 +108,44 @@ def test_preemption_with_a_tiny_pool_keeps_outputs_exact(model_dirs, hf_referenc
     stats = llm.engine.stats()
     assert stats.num_preemptions > 0
     assert stats.num_free_pages == stats.num_total_pages
+
+
+_TRITON_SCRIPT = """
+import json, sys
+from pd_serve import LLM, SamplingParams
+model, prompts = sys.argv[1], json.loads(sys.argv[2])
+llm = LLM(model=model, show_progress=False, dtype="float32", page_size=7, max_total_tokens=1024,
+          attention_backend="triton")
+assert llm.engine.runner.kernel_backend == "triton"
+outs = llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+print(json.dumps([o.token_ids for o in outs]))
+"""
+
+
+def test_triton_attention_path_matches_transformers_under_the_interpreter(model_dirs, hf_reference) -> None:
+    """The GPU code path (Triton store/decode/extend kernels), run by Triton's CPU interpreter.
+
+    In a fresh process: TRITON_INTERPRET must be set before anything imports triton.language.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    prompts, expected = hf_reference["qwen3"]
+    few = [0, 2, 4]  # short prompts: the interpreter is slow
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT, str(model_dirs["qwen3"]), json.dumps([prompts[i] for i in few])],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [expected[i][:4] for i in few]
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_says_how(model_dirs, monkeypatch) -> None:
+    from pd_serve.config import ConfigError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        _llm(model_dirs["llama"], max_total_tokens=256, attention_backend="triton")
