@@ -7,9 +7,8 @@ decides who runs: that is the scheduler's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import torch
 
