@@ -26,6 +26,7 @@ from pd_serve.transfer.messages import Data
 from pd_serve.transfer.plane import DataPlane
 
 _IOV_MAX = 1024
+READ_THREADS = 2  # parallel process_vm_readv calls: measured 1.2-1.5x one call on 2 cores
 
 
 class _Iovec(ctypes.Structure):
@@ -51,6 +52,14 @@ def iovecs(addresses: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     out = np.empty(len(addresses), dtype=_IOVEC)
     out["base"], out["len"] = addresses, lengths
     return out
+
+
+def split_by_bytes(n: int, lengths: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Cut n iovecs into <= parts contiguous groups of about equal bytes (never inside an iovec)."""
+    cum = np.cumsum(lengths)
+    targets = [cum[-1] * (i + 1) / parts for i in range(parts - 1)] if n else []
+    cuts = sorted({0, n, *(int(np.searchsorted(cum, t)) + 1 for t in targets)})
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 def read_remote(
@@ -125,4 +134,9 @@ class CmaPlane(DataPlane):
             *self.pools.regions(self.pools.bases(range(first, end)), [s for s, _ in header.runs], counts)
         )
         remote = iovecs(*self.pools.regions(header.src_base, header.src_starts, counts))
-        return await asyncio.to_thread(read_remote, conn.hello.pid, local, remote, live) and live()
+        parts = split_by_bytes(len(local), local["len"], READ_THREADS)
+        reads = [
+            asyncio.to_thread(read_remote, conn.hello.pid, local[a:b], remote[a:b], live) for a, b in parts
+        ]
+        done = await asyncio.gather(*reads)
+        return all(done) and live()

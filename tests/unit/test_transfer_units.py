@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from pd_serve.transfer import (
     TransferConfigError,
     TransferEngine,
 )
-from pd_serve.transfer.cma_plane import iovecs, read_remote
+from pd_serve.transfer.cma_plane import iovecs, read_remote, split_by_bytes
 from pd_serve.transfer.layout import PoolSet, Run, coalesce, expand, should_stage
 from pd_serve.transfer.messages import Data, Finish, MessageError, RoomRequest, decode, encode
 from pd_serve.transfer.node import Node
@@ -91,6 +92,12 @@ def test_cma_regions_read_pages_in_wire_order() -> None:
     assert torch.equal(dst.pools[1][0][[1, 2, 7]], src.pools[1][0][[5, 6, 0]])
     assert torch.equal(dst.pools[1][1][[1, 2, 7]], src.pools[1][1][[5, 6, 0]])
     assert not dst.pools[0][0].any()
+
+
+def test_split_by_bytes_balances_without_cutting_an_iovec() -> None:
+    assert split_by_bytes(4, np.array([4, 4, 4, 4]), 2) == [(0, 2), (2, 4)]
+    assert split_by_bytes(1, np.array([9]), 2) == [(0, 1)]
+    assert split_by_bytes(0, np.array([], dtype=np.uint64), 2) == []
 
 
 def test_staging_buffers_are_reused() -> None:
