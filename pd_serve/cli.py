@@ -16,6 +16,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pd_serve.engine.cli", "generate text offline with the engine (no server)"),
     "bootstrap": ("pd_serve.bootstrap.cli", "run the rendezvous service: node registry, heartbeats, pair checks"),
+    "colocated": ("pd_serve.server.cli", "serve the OpenAI API from one engine doing prefill and decode"),
 }
 
 

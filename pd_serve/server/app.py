@@ -1,0 +1,186 @@
+"""The node's FastAPI app: OpenAI routes, health, metrics and the admin sidecar.
+
+`create_app(state)` builds it around a `NodeState`; the ASGI lifespan starts the state (engine
+process and tokenizer) and stops it. Routes parse and validate, then hand over to
+`OpenAIServing`; every error leaves as OpenAI-shaped JSON (`errors.py`), including validation,
+routing and unexpected ones (logged here with their stack, never sent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pd_serve.server.errors import APIError, error_body
+from pd_serve.server.formatting import JSONResponse
+from pd_serve.server.metrics import CONTENT_TYPE
+from pd_serve.server.middleware import GuardMiddleware
+from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, param_from_location
+from pd_serve.server.serving import OpenAIServing
+from pd_serve.server.state import NodeState
+
+log = logging.getLogger(__name__)
+DEFAULT_PROFILE_DIR = "/tmp/pd-serve-profiles"
+
+
+def create_app(state: NodeState) -> Any:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="pd-serve node", lifespan=lifespan, default_response_class=JSONResponse)
+    app.state.node = state
+    serving = OpenAIServing(state)
+    _add_error_handlers(app)
+    _add_openai_routes(app, state, serving)
+    _add_admin_routes(app, state)
+    return GuardMiddleware(app, state.config.api_key, state.config.max_request_bytes, state.metrics)
+
+
+def _add_openai_routes(app: FastAPI, state: NodeState, serving: OpenAIServing) -> None:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        return await serving.chat(body)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
+        return await serving.completions(body)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": state.model_name,
+            "object": "model",
+            "created": int(state.started_at),
+            "owned_by": "pd-serve",
+            "max_model_len": state.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+
+def _add_admin_routes(app: FastAPI, state: NodeState) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.backend.alive and not state.draining:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "engine not alive"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats = await state.backend.stats() if state.backend.alive else None
+        state.metrics.update_engine(stats, state.backend.alive)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/server_info")
+    async def server_info() -> dict[str, Any]:
+        _require_alive(state)
+        stats = await state.backend.stats()
+        return {
+            "role": state.backend.role,
+            "model": state.model_name,
+            "model_dir": state.info.get("model_dir"),
+            "engine_pid": state.backend.engine_pid,
+            "max_model_len": state.max_model_len,
+            "layout": state.info.get("layout"),
+            "engine_config": asdict(state.engine_config),
+            "server_config": state.config.public_dict(),
+            "pages": {
+                "total": stats.num_total_pages,
+                "free": stats.num_free_pages,
+                "used": stats.num_total_pages - stats.num_free_pages,
+                "cached": stats.num_cached_pages,
+                "page_size": stats.page_size,
+            },
+            "stats": asdict(stats),
+            "in_flight": state.admission.in_flight,
+            "admission_limit": state.admission.limit,
+        }
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> dict[str, Any]:
+        _require_alive(state)
+        return {"freed_pages": await state.backend.flush_cache()}
+
+    @app.post("/start_profile")
+    async def start_profile(request: Request) -> dict[str, Any]:
+        _require_alive(state)
+        body = await _optional_json(request)
+        directory = body.get("output_dir") or state.config.profile_dir or DEFAULT_PROFILE_DIR
+        if not isinstance(directory, str):
+            raise APIError(400, "output_dir must be a string (a directory path)", param="output_dir")
+        directory = os.path.abspath(directory)
+        try:
+            await state.backend.start_profile(directory)
+        except RuntimeError as exc:
+            raise APIError(400, str(exc), param="output_dir", code="profile_state") from exc
+        return {"status": "profiling", "output_dir": directory}
+
+    @app.post("/stop_profile")
+    async def stop_profile() -> dict[str, Any]:
+        _require_alive(state)
+        try:
+            trace = await state.backend.stop_profile()
+        except RuntimeError as exc:
+            raise APIError(400, str(exc), code="profile_state") from exc
+        return {"status": "stopped", "trace": trace}
+
+
+def _require_alive(state: NodeState) -> None:
+    if not state.backend.alive:
+        raise APIError(503, "the engine is not alive", code="engine_unavailable", headers={"Retry-After": "1"})
+
+
+async def _optional_json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        import orjson
+
+        body = orjson.loads(raw)
+    except ValueError as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return body
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = tuple(first.get("loc", ()))
+        param = param_from_location(loc)
+        where = ".".join(str(p) for p in loc if p != "body") or "body"
+        message = f"{where}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(error_body(400, message, param=param, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        body = error_body(500, f"internal error ({type(exc).__name__}); see the server log", code="internal_error")
+        return JSONResponse(body, status_code=500)

@@ -1,0 +1,140 @@
+"""`pd-serve colocated`: one engine process and the OpenAI API in front of it, served by Granian.
+
+Processes: the `pd-serve` process is Granian's supervisor; it forks exactly one Granian worker
+(the API process: FastAPI, tokenizer, metrics), whose ASGI lifespan spawns the engine process
+through `EngineClient`. One worker, because each API process owns its engine: a second worker
+would start a second engine. Granian serves HTTP/1.1 and HTTP/2 on the same port (h2c with prior
+knowledge on plain TCP, ALPN h2 with TLS).
+
+Shutdown: SIGINT/SIGTERM reach the supervisor, which stops its worker; the worker's lifespan
+shutdown refuses new requests, tells the engine to stop (it aborts what is in flight, so every open
+request gets its finished delta and streams end with finish_reason "abort"), waits for the engine
+process to exit (killing it after a timeout) and then exits itself. The engine ignores SIGINT (a
+Ctrl-C in a terminal reaches the whole process group) and stops on SIGTERM.
+
+Only argparse-level imports at module scope (`pd-serve --help` loads this); FastAPI, Granian and
+the engine are imported in `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pd_serve.config import ConfigError, EngineConfig, add_engine_arguments, engine_config_from_args
+from pd_serve.server.config import ServerConfig, ServerConfigError
+
+ROLE = "colocated"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    parser.add_argument("--config", default=None, help="YAML file of flag values (flags given here win)")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help="address to listen on")
+    g.add_argument("--port", type=int, default=d.port, help="port to listen on")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
+    g.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM); with --ssl-keyfile: HTTPS, HTTP/2 by ALPN")
+    g.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
+    g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="largest request body")
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=d.max_queued_requests,
+        help="engine requests accepted beyond --max-running-requests before answering 503",
+    )
+    g.add_argument("--profile-dir", default=None, help="default directory for /start_profile traces")
+    g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    g.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    add_engine_arguments(parser)
+    parser.set_defaults(_defaults_of=parser)
+
+
+def apply_config_file(args: argparse.Namespace, path: str) -> argparse.Namespace:
+    """Values from a YAML mapping of flag names, for every flag left at its default."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ServerConfigError(f"config (--config): cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ServerConfigError(f"config (--config): {path} must hold a mapping of flag names to values")
+    parser: argparse.ArgumentParser = args._defaults_of
+    values = vars(args).copy()
+    for key, value in raw.items():
+        dest = str(key).replace("-", "_")
+        if dest.startswith("_") or dest == "config" or dest not in values:
+            raise ServerConfigError(f"config (--config): {path}: {key!r} is not a flag of pd-serve {ROLE}")
+        if values[dest] == parser.get_default(dest):
+            values[dest] = value
+    return argparse.Namespace(**values)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    if args.config:
+        args = apply_config_file(args, args.config)
+    engine = engine_config_from_args(args).replace(show_progress=False)
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        max_request_bytes=args.max_request_bytes,
+        max_queued_requests=args.max_queued_requests,
+        profile_dir=args.profile_dir,
+        served_model_name=args.served_model_name,
+        log_level=args.log_level,
+    )
+    return engine, server
+
+
+def run(args: argparse.Namespace) -> int:
+    from pd_serve.bootstrap.cli import check_port_free
+    from pd_serve.bootstrap.config import BootstrapConfigError
+
+    try:
+        engine, server = configs_from_args(args)
+        check_port_free(server.host, server.port)
+    except (ConfigError, ServerConfigError, BootstrapConfigError, TypeError, ValueError) as exc:
+        print(f"pd-serve {ROLE}: {exc}", file=sys.stderr)
+        return 2
+    return serve(engine, server)
+
+
+def build_app(engine: EngineConfig, server: ServerConfig) -> Any:
+    """Runs in the Granian worker: the app and its (not yet started) colocated backend."""
+    from pd_serve.server.app import create_app
+    from pd_serve.server.backend import ColocatedBackend
+    from pd_serve.server.state import NodeState
+
+    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(NodeState(server, engine, ColocatedBackend(engine)))
+
+
+def serve(engine: EngineConfig, server: ServerConfig) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code."""
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+
+    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    granian = Granian(
+        "pd_serve.server.app:create_app",
+        address=server.host,
+        port=server.port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        http=HTTPModes.auto,
+        ssl_cert=Path(server.ssl_certfile) if server.ssl_certfile else None,
+        ssl_key=Path(server.ssl_keyfile) if server.ssl_keyfile else None,
+        log_level=LogLevels(server.log_level),
+        log_access=False,
+    )
+    granian.serve(target_loader=partial(build_app, engine, server), wrap_loader=False)
+    return 0

@@ -1,0 +1,76 @@
+"""Frozen configuration of a node's HTTP server (`ServerConfig`), the companion of `EngineConfig`.
+
+Validated in `__post_init__`, never mutated; errors name the field and the flag that sets it. The
+API key is kept out of `repr()` so that logging a config never leaks it. Standard library only:
+`pd-serve --help` imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+class ServerConfigError(ValueError):
+    """A server configuration value is invalid; the message names the field and its flag."""
+
+
+def _require(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ServerConfigError(f"{name} (--{name.replace('_', '-')}): {message}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where a node listens, who may call it, and how much it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = field(default=None, repr=False)  # never logged
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_queued_requests: int = 1024  # engine requests waiting beyond --max-running-requests
+    profile_dir: str | None = None  # default directory for /start_profile traces
+    served_model_name: str | None = None  # None: the --model value
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.host), "host", "must not be empty")
+        _require(0 <= self.port <= 65535, "port", f"{self.port} is outside 0..65535")
+        if self.api_key is not None:
+            _require(bool(self.api_key.strip()), "api_key", "is empty; leave it unset or give a key")
+        _require(
+            (self.ssl_certfile is None) == (self.ssl_keyfile is None),
+            "ssl_certfile",
+            "--ssl-certfile and --ssl-keyfile must be given together",
+        )
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            _require(path is None or os.path.isfile(path), name, f"{path!r} is not a readable file")
+        _require(self.max_request_bytes >= 1024, "max_request_bytes", f"{self.max_request_bytes} is below 1024")
+        _require(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0")
+        if self.served_model_name is not None:
+            _require(bool(self.served_model_name), "served_model_name", "must not be empty")
+        _require(
+            self.log_level in ("debug", "info", "warning", "error"),
+            "log_level",
+            f"{self.log_level!r} is not one of debug, info, warning, error",
+        )
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+    def public_dict(self) -> dict[str, object]:
+        """The config as /server_info shows it: the API key only as whether one is set."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "api_key_set": self.api_key is not None,
+            "tls": self.tls,
+            "max_request_bytes": self.max_request_bytes,
+            "max_queued_requests": self.max_queued_requests,
+            "profile_dir": self.profile_dir,
+            "served_model_name": self.served_model_name,
+        }

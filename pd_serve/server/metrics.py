@@ -1,0 +1,74 @@
+"""Prometheus metrics of one node's API, in a registry of its own (one per app).
+
+Request counts and latency histograms are recorded here as requests pass; the engine-side gauges
+(running, waiting, KV pages, prefix-cache hit rate) are copied from the engine's `EngineStats` at
+scrape time, so they are never older than the scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from pd_serve.engine.messages import EngineStats
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "pd_node_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "pd_node_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "pd_node_inter_token_latency_seconds", "Time between output tokens", buckets=_ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "pd_node_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("pd_node_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("pd_node_generation_tokens", "Generated tokens", registry=r)
+        self.finished = Counter(
+            "pd_node_engine_requests_finished", "Engine requests by finish reason", ["reason"], registry=r
+        )
+        self.running = Gauge("pd_node_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("pd_node_num_requests_waiting", "Requests waiting for admission", registry=r)
+        self.pages_total = Gauge("pd_node_kv_pages_total", "KV pages in the pool", registry=r)
+        self.pages_used = Gauge("pd_node_kv_pages_used", "KV pages held by requests", registry=r)
+        self.kv_usage = Gauge("pd_node_kv_cache_usage_ratio", "Used / total KV pages", registry=r)
+        self.cached_pages = Gauge("pd_node_prefix_cache_pages", "Pages held by the prefix cache", registry=r)
+        self.prefix_hit_rate = Gauge(
+            "pd_node_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / tokens looked up", registry=r
+        )
+        self.preemptions = Gauge("pd_node_preemptions", "Preemptions since the engine started", registry=r)
+        self.engine_alive = Gauge("pd_node_engine_alive", "1 while the engine loop is alive", registry=r)
+
+    def update_engine(self, stats: EngineStats | None, alive: bool) -> None:
+        self.engine_alive.set(1 if alive else 0)
+        if stats is None:
+            return
+        used = stats.num_total_pages - stats.num_free_pages
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.pages_total.set(stats.num_total_pages)
+        self.pages_used.set(used)
+        self.kv_usage.set(used / stats.num_total_pages if stats.num_total_pages else 0.0)
+        self.cached_pages.set(stats.num_cached_pages)
+        queried = stats.prefix_cache_queried_tokens
+        self.prefix_hit_rate.set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
+        self.preemptions.set(stats.num_preemptions)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

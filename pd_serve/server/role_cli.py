@@ -1,0 +1,102 @@
+"""`pd-serve prefill` and `pd-serve decode`: a node of a disaggregated deployment.
+
+The same process layout as `pd-serve colocated` (Granian supervisor, one API worker, one engine
+process; see server/cli.py), plus a transfer engine inside the engine process and registration in
+the bootstrap service. The subcommand's name is the role. Only argparse-level imports here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from functools import partial
+from typing import Any
+
+from pd_serve.config import ConfigError, DisaggConfig, EngineConfig
+from pd_serve.server import cli as node_cli
+from pd_serve.server.config import ServerConfig, ServerConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    node_cli.add_arguments(parser)
+    g = parser.add_argument_group("disaggregation")
+    g.add_argument("--bootstrap", default=None, help="bootstrap service URL, e.g. http://127.0.0.1:8998")
+    g.add_argument("--node-id", default=None, help="id in the registry (default: ROLE-HOST-PORT)")
+    g.add_argument("--advertise-url", default=None, help="HTTP address peers and the frontend use (default: http://HOST:PORT)")
+    g.add_argument("--bootstrap-token-file", default=None, help="file holding the bootstrap token (or $PD_SERVE_BOOTSTRAP_TOKEN)")
+    g.add_argument("--transfer-backend", default=None, choices=("ucx", "tcp", "cma"), help="KV transfer backend (default: ucx where ucxx imports)")
+    g.add_argument("--transfer-host", default=None, help="address the transfer endpoint binds and publishes (default: --host)")
+    g.add_argument("--transfer-port", type=int, default=0, help="transfer endpoint port (0: any free port)")
+    g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a room may make no progress before it fails")
+    g.add_argument("--transfer-bootstrap-timeout", type=float, default=30.0,
+                   help="seconds a room may wait for its peer to know it (the other node's request)")
+    g.add_argument("--transfer-waiting-timeout", type=float, default=300.0,
+                   help="seconds a room may wait for its KV once both sides know it (prefill queueing)")
+    g.add_argument("--transfer-token-file", default=None, help="shared secret for transfer handshakes (or $PD_SERVE_TRANSFER_TOKEN)")
+    g.add_argument("--reserve-tokens", type=int, default=256, help="decode: tokens of headroom kept per admitted transfer")
+
+
+def _read_secret(path: str | None, env: str) -> str | None:
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return os.environ.get(env) or None
+
+
+def disagg_config(role: str, args: argparse.Namespace, server: ServerConfig) -> DisaggConfig:
+    from pd_serve.transfer import TransferConfig, default_backend
+
+    transfer = TransferConfig(
+        backend=args.transfer_backend or default_backend(),
+        host=args.transfer_host or (server.host if server.host not in ("0.0.0.0", "::") else socket.gethostname()),
+        port=args.transfer_port,
+        transfer_timeout=args.transfer_timeout,
+        bootstrap_timeout=args.transfer_bootstrap_timeout,
+        waiting_timeout=args.transfer_waiting_timeout,
+        token=_read_secret(args.transfer_token_file, "PD_SERVE_TRANSFER_TOKEN"),
+    )
+    return DisaggConfig(role=role, transfer=transfer, reserve_tokens=args.reserve_tokens)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pd_serve.bootstrap.cli import check_port_free
+    from pd_serve.bootstrap.config import BootstrapConfigError
+    from pd_serve.server.roles import Registration
+    from pd_serve.transfer import TransferConfigError
+
+    role = args.command
+    try:
+        engine, server = node_cli.configs_from_args(args)
+        disagg = disagg_config(role, args, server)
+        http_url = args.advertise_url or f"http{'s' if server.ssl_certfile else ''}://{server.host}:{server.port}"
+        node_id = args.node_id or f"{role}-{server.host}-{server.port}".replace(":", "-")
+        registration = Registration(
+            bootstrap_url=args.bootstrap,
+            node_id=node_id,
+            http_url=http_url,
+            token=_read_secret(args.bootstrap_token_file, "PD_SERVE_BOOTSTRAP_TOKEN"),
+        )
+        check_port_free(server.host, server.port)
+    except (ConfigError, ServerConfigError, BootstrapConfigError, TransferConfigError, OSError, TypeError, ValueError) as exc:
+        print(f"pd-serve {role}: {exc}", file=sys.stderr)
+        return 2
+    if role == "prefill" and not args.bootstrap:
+        print(f"pd-serve {role}: no --bootstrap: decode nodes must reach this node by its URL (pd.prefill_url)",
+              file=sys.stderr)
+    loader = partial(build_app, role, engine, server, disagg, registration)
+    return node_cli.serve(engine, server, target_loader=loader)
+
+
+def build_app(role: str, engine: EngineConfig, server: ServerConfig, disagg: DisaggConfig, registration: Any) -> Any:
+    """Runs in the Granian worker: the app and its (not yet started) role backend."""
+    import logging
+
+    from pd_serve.server.app import create_app
+    from pd_serve.server.roles import DecodeBackend, PrefillBackend
+    from pd_serve.server.state import NodeState
+
+    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backend_cls = PrefillBackend if role == "prefill" else DecodeBackend
+    return create_app(NodeState(server, engine, backend_cls(engine, disagg, registration)))

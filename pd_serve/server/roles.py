@@ -1,0 +1,180 @@
+"""The prefill and decode roles' backends: an engine with a transfer engine, kept in the registry.
+
+Both extend the colocated backend (same engine process, same `EngineClient`) with:
+- a `DisaggConfig`, so the engine starts a `TransferEngine` and reports its endpoint;
+- registration in the bootstrap service (`NodeKeeper`: register, heartbeat with the engine's load,
+  re-register after a bootstrap restart, leave on shutdown).
+
+Prefill node: serves only requests that carry `pd`; the engine computes the prompt once the decode
+node's receiver for the room has arrived, pushes the KV and the first token, and the request ends
+with the room's timings. Decode node: with `pd`, it resolves the prefill node's transfer endpoint
+(bootstrap record, or the prefill node's `/server_info` when `pd.prefill_url` is given and there
+is no bootstrap) and receives the prompt's KV; without `pd` it serves the request alone
+(conditional disaggregation: it prefills locally).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from pd_serve.config import DisaggConfig, EngineConfig
+from pd_serve.engine import messages as m
+from pd_serve.engine.sampling_params import SamplingParams
+from pd_serve.server.backend import ColocatedBackend
+from pd_serve.server.errors import bad_request
+from pd_serve.server.schemas import PDSpec
+
+log = logging.getLogger(__name__)
+PEER_LOOKUP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """How this node appears in the bootstrap registry."""
+
+    bootstrap_url: str | None
+    node_id: str
+    http_url: str
+    token: str | None = None
+
+
+class _RoleBackend(ColocatedBackend):
+    role = "disaggregated"
+
+    def __init__(self, config: EngineConfig, disagg: DisaggConfig, registration: Registration) -> None:
+        from pd_serve.engine.client import EngineClient
+
+        self.client = EngineClient(config, disagg=disagg)
+        self.disagg = disagg
+        self.registration = registration
+        self.info: dict[str, Any] = {}
+        self._bootstrap: Any = None
+        self._keeper: Any = None
+
+    async def start(self) -> dict[str, Any]:
+        self.info = await self.client.start()
+        if self.registration.bootstrap_url:
+            await self._register()
+        return self.info
+
+    async def shutdown(self) -> None:
+        if self._keeper is not None:
+            await self._keeper.stop(leave=True)
+        if self._bootstrap is not None:
+            await self._bootstrap.aclose()
+        await super().shutdown()
+
+    async def _register(self) -> None:
+        from pd_serve.bootstrap.client import BootstrapClient, NodeKeeper
+        from pd_serve.bootstrap.records import Capacity, KVLayout, NodeRegistration, TransferEndpoint
+
+        reg = self.registration
+        assert reg.bootstrap_url is not None
+        self._bootstrap = BootstrapClient(reg.bootstrap_url, token=reg.token)
+        body = NodeRegistration(
+            role=self.disagg.role,  # type: ignore[arg-type]
+            http_url=reg.http_url,
+            transfer=[TransferEndpoint(backend=self.info["transfer_backend"], address=self.info["transfer_endpoint"])],
+            layout=KVLayout(**self.info["layout"]),
+            capacity=Capacity(total_pages=self.info["num_pages"], max_running_requests=self.info["max_running_requests"]),
+        )
+        self._keeper = NodeKeeper(self._bootstrap, reg.node_id, body, load_fn=self._load)
+        await self._keeper.start()
+        log.info("registered as %s node %r at %s", self.disagg.role, reg.node_id, reg.bootstrap_url)
+
+    def _load(self) -> Any:
+        from pd_serve.bootstrap.records import Load
+
+        s = self.client.last_stats
+        if s is None:
+            return Load(running=0, waiting=0, free_pages=self.info.get("num_pages", 0))
+        return Load(running=s.num_running + s.num_in_transfer, waiting=s.num_waiting, free_pages=s.num_free_pages)
+
+
+class PrefillBackend(_RoleBackend):
+    role = "prefill"
+
+    def check_pd(self, pd: PDSpec | None) -> None:
+        if pd is None:
+            raise bad_request(
+                "pd",
+                "this is a prefill node: it serves only disaggregated requests, which carry "
+                "'pd': {'room', 'prefill', 'decode'}; send whole requests to a decode or colocated node",
+            )
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDSpec | None = None
+    ) -> AsyncIterator[m.RequestDelta]:
+        self.check_pd(pd)
+        assert pd is not None
+        return self.client.generate(request_id, prompt_ids, params, pd=m.PDSpec(pd.room))
+
+
+class DecodeBackend(_RoleBackend):
+    role = "decode"
+
+    def __init__(self, config: EngineConfig, disagg: DisaggConfig, registration: Registration) -> None:
+        super().__init__(config, disagg, registration)
+        self._peers: Any = None
+        self._http = httpx.AsyncClient(timeout=PEER_LOOKUP_TIMEOUT_S)
+
+    async def shutdown(self) -> None:
+        await self._http.aclose()
+        await super().shutdown()
+
+    def check_pd(self, pd: PDSpec | None) -> None:
+        if pd is not None and not self.registration.bootstrap_url and not pd.prefill_url:
+            raise bad_request(
+                "pd",
+                "this decode node has no bootstrap service (--bootstrap): 'pd' must carry 'prefill_url', "
+                "the prefill node's HTTP address",
+            )
+
+    async def generate(  # type: ignore[override]
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDSpec | None = None
+    ) -> AsyncIterator[m.RequestDelta]:
+        self.check_pd(pd)
+        spec = None
+        if pd is not None:
+            endpoint, problem = await self._peer_endpoint(pd)
+            if endpoint is None:
+                yield m.RequestDelta(request_id, [], "", True, "abort", error=problem, error_param="pd")
+                return
+            spec = m.PDSpec(pd.room, endpoint)
+        async for delta in self.client.generate(request_id, prompt_ids, params, pd=spec):
+            yield delta
+
+    async def _peer_endpoint(self, pd: PDSpec) -> tuple[str | None, str]:
+        """The prefill node's transfer endpoint, or None and why not."""
+        if pd.prefill_url:
+            try:
+                r = await self._http.get(pd.prefill_url.rstrip("/") + "/server_info")
+                r.raise_for_status()
+                endpoint = r.json().get("transfer_endpoint")
+            except (httpx.HTTPError, ValueError) as exc:
+                return None, f"prefill node {pd.prefill_url}: /server_info failed: {exc}"
+            if not endpoint:
+                return None, f"prefill node {pd.prefill_url} reports no transfer endpoint (is it a prefill node?)"
+            return str(endpoint), ""
+        from pd_serve.bootstrap.client import BootstrapError, PeerCache
+
+        if self._peers is None:
+            self._peers = PeerCache(self._bootstrap)
+        try:
+            record = await self._peers.get(pd.prefill)
+        except BootstrapError as exc:
+            return None, f"prefill node {pd.prefill!r} is not in the bootstrap registry: {exc}"
+        if record.role != "prefill" or not record.transfer:
+            return None, f"node {pd.prefill!r} is a {record.role} node, not a prefill node"
+        mine = self.info["layout"]
+        theirs = record.layout.model_dump()
+        field = next((k for k in mine if mine[k] != theirs.get(k)), None)
+        if field is not None:
+            return None, (f"prefill node {pd.prefill!r} has an incompatible KV layout: {field} is "
+                          f"{theirs.get(field)!r} there and {mine[field]!r} here")
+        return record.transfer[0].address, ""

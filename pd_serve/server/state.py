@@ -1,0 +1,152 @@
+"""Everything one node's app holds between requests, and its start/stop order.
+
+`NodeState.start()` (the ASGI lifespan's startup) starts the backend (the engine process) and loads
+the tokenizer at the same time; `stop()` refuses new requests, shuts the backend down (every open
+request then gets its finished delta), gives open streams a moment to write their last chunk, and
+stops the tokenizer thread. `Admission` counts engine requests in flight and refuses past
+`--max-running-requests + --max-queued-requests` with a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pd_serve.config import EngineConfig
+from pd_serve.server.backend import NodeBackend
+from pd_serve.server.config import ServerConfig
+from pd_serve.server.errors import APIError
+from pd_serve.server.metrics import NodeMetrics
+from pd_serve.server.tokenization import Tokenization
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1
+DRAIN_S = 5.0
+
+
+class Admission:
+    """Engine requests in flight on this node, against a limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def check(self, n: int) -> None:
+        """Raise the 503 if n more would pass the limit."""
+        if self.in_flight + n > self.limit:
+            raise APIError(
+                503,
+                f"the node is full: {self.in_flight} requests in flight, limit {self.limit} "
+                "(--max-running-requests + --max-queued-requests); retry later",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+
+    def acquire(self, n: int, force: bool = False) -> Ticket:
+        """Take n slots (503 past the limit, unless `force`: a stream whose check already passed)."""
+        if not force:
+            self.check(n)
+        self.in_flight += n
+        return Ticket(self, n)
+
+
+class Ticket:
+    """Slots taken by one HTTP request; released one per finished engine request, the rest at the end."""
+
+    def __init__(self, admission: Admission, n: int) -> None:
+        self._admission = admission
+        self.held = n
+
+    def release_one(self) -> None:
+        if self.held > 0:
+            self.held -= 1
+            self._admission.in_flight -= 1
+
+    def release_all(self) -> None:
+        self._admission.in_flight -= self.held
+        self.held = 0
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the engine would refuse, known in the API process so refusals are 400s before any work."""
+
+    max_model_len: int
+    kv_capacity_tokens: int  # total pages * page size
+    vocab_size: int
+
+
+def _vocab_size(model_dir: Path, tokenizer_size: int) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return int(size) if size else tokenizer_size
+
+
+@dataclass
+class NodeState:
+    config: ServerConfig
+    engine_config: EngineConfig
+    backend: NodeBackend
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    tokenization: Tokenization | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    _limits: EngineLimits | None = None
+    admission: Admission = field(default_factory=lambda: Admission(0))
+    draining: bool = False
+    open_streams: int = 0
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.engine_config.model
+
+    @property
+    def limits(self) -> EngineLimits:
+        if self._limits is None:
+            raise APIError(503, "the node is still starting", code="starting")
+        return self._limits
+
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
+
+    @property
+    def tokenizer(self) -> Tokenization:
+        if self.tokenization is None:
+            raise APIError(503, "the node is still starting", code="starting")
+        return self.tokenization
+
+    async def start(self) -> None:
+        from pd_serve.model.demo import resolve_model_path
+
+        model_dir = await asyncio.to_thread(resolve_model_path, self.engine_config.model)
+        tok_task = asyncio.create_task(asyncio.to_thread(Tokenization.load, model_dir))
+        try:
+            self.info = await self.backend.start()
+        except BaseException:
+            tok_task.cancel()
+            raise
+        self.tokenization = await tok_task
+        stats = await self.backend.stats()
+        self._limits = EngineLimits(
+            max_model_len=int(self.info["max_model_len"]),
+            kv_capacity_tokens=stats.num_total_pages * stats.page_size,
+            vocab_size=_vocab_size(model_dir, len(self.tokenization.tokenizer)),
+        )
+        limit = self.engine_config.max_running_requests + self.config.max_queued_requests
+        self.admission = Admission(limit)
+        log.info("node ready: %s, model %s, max_model_len %d", self.backend.role, self.model_name, self.max_model_len)
+
+    async def stop(self) -> None:
+        self.draining = True
+        await self.backend.shutdown()
+        deadline = time.monotonic() + DRAIN_S
+        while self.open_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.tokenization is not None:
+            self.tokenization.close()
