@@ -306,7 +306,21 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
             steps=self.steps,
             num_in_transfer=self.num_in_transfer,
+            **self._transfer_stats(),
         )
+
+    def _transfer_stats(self) -> dict[str, Any]:
+        side = self.prefill_side or self.decode_side
+        if side is None:
+            return {}
+        return {
+            "rooms_succeeded": side.rooms_succeeded,
+            "rooms_failed": side.rooms_failed,
+            "kv_pages_sent": getattr(side, "pages_sent", 0),
+            "kv_pages_received": getattr(side, "pages_received", 0),
+            "kv_pages_reused": getattr(side, "pages_reused", 0),
+            "transfer": self.transfer.stats() if self.transfer is not None else {},
+        }
 
     def flush_prefix_cache(self) -> int:
         return self.scheduler.pages.flush_cache()

@@ -66,6 +66,7 @@ class _Room:
     peer: str | None = None
     aborted: str | None = None  # reason, once the request was aborted while its room was live
     pages: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)  # decode: prompt pages from its own prefix cache
     times: dict[str, float] = field(default_factory=lambda: {"arrived": time.monotonic()})
 
 
@@ -75,6 +76,9 @@ class PrefillSide:
         self.waiting: dict[str, _Room] = {}  # for the receiver's destination
         self.computing: dict[str, _Room] = {}  # in the scheduler
         self.sending: dict[str, _Room] = {}  # pages handed over, room not yet terminal
+        self.pages_sent = 0
+        self.rooms_succeeded = 0
+        self.rooms_failed = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.computing) + len(self.sending)
@@ -113,20 +117,28 @@ class PrefillSide:
             del self.sending[rid]
             self.scheduler.pages.release(r.pages)
             if r.aborted is not None or state.name == "FAILED":
+                self.rooms_failed += 1
                 events.append(Failed(r.request, r.aborted or r.handle.failure_reason or "transfer failed"))
             else:
+                self.rooms_succeeded += 1
                 r.times["done"] = time.monotonic()
                 events.append(Sent(r.request, _timings(r.times)))
         return events
 
-    @staticmethod
-    def _check(req: Request, dest: Any) -> str | None:
-        if dest.expected_tokens != req.num_prompt_tokens:
-            return (f"prompt length mismatch: decode node tokenized {dest.expected_tokens} tokens, "
-                    f"prefill node {req.num_prompt_tokens}")
+    def _check(self, req: Request, dest: Any) -> str | None:
+        """Why the destination does not fit this request, or None. The decode node may already hold
+        a prefix in its own cache: it then asks only for the tokens after its cached pages."""
         if dest.prompt_hash != prompt_hash(req.prompt_token_ids):
             return "prompt mismatch: prefill and decode nodes tokenized different prompts (hash differs)"
+        skip = self._skip_pages(req, dest)
+        if skip < 0 or dest.expected_tokens != req.num_prompt_tokens - skip * self.scheduler.config.page_size:
+            return (f"prompt length mismatch: decode node expects {dest.expected_tokens} tokens in "
+                    f"{len(dest.page_ids)} pages, prefill node has {req.num_prompt_tokens}")
         return None
+
+    def _skip_pages(self, req: Request, dest: Any) -> int:
+        """Leading prompt pages the decode node has cached and does not ask for."""
+        return -(-req.num_prompt_tokens // self.scheduler.config.page_size) - len(dest.page_ids)
 
     def first_token(self, req: Request, token: int, logprobs: Any) -> None:
         """The request's prompt is computed and its first token sampled: send pages and token."""
@@ -134,8 +146,11 @@ class PrefillSide:
         r.times["computed"] = time.monotonic()
         num_prompt_pages = -(-req.num_prompt_tokens // self.scheduler.config.page_size)
         r.pages = self.scheduler.hand_over(req)
-        r.handle.send(r.pages[:num_prompt_pages])
+        dest = r.handle.destination()
+        skip = self._skip_pages(req, dest)
+        r.handle.send(r.pages[skip:num_prompt_pages])
         r.handle.finish(token, logprobs)
+        self.pages_sent += num_prompt_pages - skip
         self.sending[req.request_id] = r
 
     def abort(self, request_id: str, reason: str) -> bool:
@@ -159,6 +174,10 @@ class DecodeSide:
         self.reserve_tokens, self.page_wait_timeout = reserve_tokens, page_wait_timeout
         self.pending: dict[str, _Room] = {}  # waiting for free pages, in arrival order
         self.receiving: dict[str, _Room] = {}
+        self.pages_received = 0
+        self.pages_reused = 0  # prompt pages served from this node's prefix cache instead
+        self.rooms_succeeded = 0
+        self.rooms_failed = 0
 
     def __len__(self) -> int:
         return len(self.pending) + len(self.receiving)
@@ -177,11 +196,16 @@ class DecodeSide:
             del self.receiving[rid]
             if state.name == "SUCCESS" and r.aborted is None:
                 req = r.request
-                req.page_ids = r.pages
+                req.page_ids = r.cached + r.pages
                 req.num_computed_tokens = req.num_prompt_tokens
+                self.scheduler.mark_hashed(req, len(r.cached))
+                self.rooms_succeeded += 1
+                self.pages_received += len(r.pages)
+                self.pages_reused += len(r.cached)
                 events.append(Ready(req, r.handle.first_token, r.handle.first_token_logprobs))
             else:
-                self.scheduler.pages.release(r.pages)
+                self.scheduler.pages.release(r.cached + r.pages)
+                self.rooms_failed += 1
                 events.append(Failed(r.request, r.aborted or r.handle.failure_reason or f"transfer {state}"))
         return events
 
@@ -202,15 +226,23 @@ class DecodeSide:
                     continue
                 break  # first come, first served
             del self.pending[rid]
-            r.pages = pages
-            try:
-                r.handle = self.transfer.receiver(r.room, r.peer, pages, req.num_prompt_tokens,
-                                                  prompt_hash(req.prompt_token_ids))
-            except ValueError as exc:  # duplicate room, bad endpoint
-                self.scheduler.pages.release(pages)
-                events.append(Failed(req, str(exc)))
-                continue
-            self.receiving[rid] = r
+            self._open(r, pages, events)
+
+    def _open(self, r: _Room, pages: list[int], events: list[Event]) -> None:
+        """Reuse what the prefix cache holds, ask the prefill node for the rest."""
+        req = r.request
+        r.cached = self.scheduler.take_cached_prefix(req)
+        surplus = len(r.cached)  # pages allocated for the prompt that the cache made unnecessary
+        self.scheduler.pages.release(pages[len(pages) - surplus :])
+        r.pages = pages[: len(pages) - surplus]
+        wanted = req.num_prompt_tokens - len(r.cached) * self.scheduler.config.page_size
+        try:
+            r.handle = self.transfer.receiver(r.room, r.peer, r.pages, wanted, prompt_hash(req.prompt_token_ids))
+        except ValueError as exc:  # duplicate room, bad endpoint
+            self.scheduler.pages.release(r.cached + r.pages)
+            events.append(Failed(req, str(exc)))
+            return
+        self.receiving[req.request_id] = r
 
     def abort(self, request_id: str, reason: str) -> Request | None:
         """Abort a request still here; returns it if it ended now (no live room), else None."""

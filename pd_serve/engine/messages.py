@@ -101,6 +101,12 @@ class EngineStats:
     num_preemptions: int
     steps: int
     num_in_transfer: int = 0  # requests waiting on or moving KV through a room
+    rooms_succeeded: int = 0
+    rooms_failed: int = 0
+    kv_pages_sent: int = 0  # prefill node
+    kv_pages_received: int = 0  # decode node
+    kv_pages_reused: int = 0  # decode node: prompt pages found in its own prefix cache, not transferred
+    transfer: dict[str, int] = field(default_factory=dict)  # the transfer engine's counters (bytes, drops)
     alive: bool = True
 
 

@@ -212,6 +212,18 @@ class Scheduler:
             req.page_hashes += page_hashes(tokens, self.config.page_size, start=have, parent=parent)
         return req.page_hashes[:num_pages]
 
+    def take_cached_prefix(self, req: Request) -> list[int]:
+        """Pages of the request's longest cached prefix (full pages, leaving at least one token),
+        with a reference taken on each for the caller; [] without a prefix cache."""
+        if self.prefix_cache is None:
+            return []
+        usable = (req.num_tokens - 1) // self.config.page_size
+        pages = self.prefix_cache.match(self._keys(req, usable))
+        self.prefix_cache.record_lookup(req.num_tokens, len(pages) * self.config.page_size)
+        req.num_cached_tokens = len(pages) * self.config.page_size
+        self.pages.share(pages)
+        return pages
+
     def _match_prefix(self, req: Request) -> None:
         if self.prefix_cache is None:
             return
@@ -225,6 +237,10 @@ class Scheduler:
         req.page_ids = list(pages)
         req.num_computed_tokens = len(pages) * self.config.page_size
         req.num_hashed_pages = len(pages)
+
+    def mark_hashed(self, req: Request, num_pages: int) -> None:
+        """The request's first num_pages pages are already in the prefix cache (shared from it)."""
+        req.num_hashed_pages = num_pages
 
     def _cache_full_pages(self, req: Request) -> None:
         if self.prefix_cache is None:

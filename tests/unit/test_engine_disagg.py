@@ -109,3 +109,21 @@ def test_pd_request_on_a_colocated_engine_is_rejected(demo_dir: Path) -> None:
     with pytest.raises(RequestRejected) as e:
         llm.engine.add_request("x", [1, 2, 3], SamplingParams(), PDSpec(1, "tcp://127.0.0.1:1"))
     assert e.value.param == "pd"
+
+
+def test_decode_prefix_cache_shrinks_the_transfer(pair) -> None:
+    p, d, config = pair
+    shared = list(range(100, 180))  # 5 full pages of 16
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = LLM(config=config).generate([shared + [7, 8, 9]], params)[0]
+    before = d.stats()
+    for i, prompt in enumerate([shared + [1, 2, 3], shared + [7, 8, 9]]):
+        d.add_request(f"s{i}", prompt, params, PDSpec(5000 + i, p.transfer.endpoint))
+        p.add_request(f"s{i}", prompt, params, PDSpec(5000 + i))
+        _, d_deltas = _run(p, d)
+    after = d.stats()
+    assert after.kv_pages_received - before.kv_pages_received == 6 + 1  # 6 pages, then only the last one
+    assert after.kv_pages_reused - before.kv_pages_reused == 5
+    second = _by_request(d_deltas)["s1"]
+    assert [t for x in second for t in x.new_token_ids] == expected.token_ids
+    assert after.num_free_pages == after.num_total_pages
