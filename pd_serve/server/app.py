@@ -8,6 +8,7 @@ routing and unexpected ones (logged here with their stack, never sent).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from pd_serve.server.metrics import CONTENT_TYPE
 from pd_serve.server.middleware import GuardMiddleware
 from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, param_from_location
 from pd_serve.server.serving import OpenAIServing
-from pd_serve.server.state import NodeState
+from pd_serve.server.state import DRAIN_SIGNAL, NodeState
 
 log = logging.getLogger(__name__)
 DEFAULT_PROFILE_DIR = "/tmp/pd-serve-profiles"
@@ -36,6 +37,8 @@ def create_app(state: NodeState) -> Any:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await state.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(DRAIN_SIGNAL, lambda: _background_drain(state))
         try:
             yield
         finally:
@@ -48,6 +51,15 @@ def create_app(state: NodeState) -> Any:
     _add_openai_routes(app, state, serving)
     _add_admin_routes(app, state)
     return GuardMiddleware(app, state.config.api_key, state.config.max_request_bytes, state.metrics)
+
+
+_DRAINS: set[asyncio.Task[None]] = set()
+
+
+def _background_drain(state: NodeState) -> None:
+    task = asyncio.get_running_loop().create_task(state.drain())
+    _DRAINS.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(_DRAINS.discard)
 
 
 def _add_openai_routes(app: FastAPI, state: NodeState, serving: OpenAIServing) -> None:

@@ -6,10 +6,12 @@ through `EngineClient`. One worker, because each API process owns its engine: a 
 would start a second engine. Granian serves HTTP/1.1 and HTTP/2 on the same port (h2c with prior
 knowledge on plain TCP, ALPN h2 with TLS).
 
-Shutdown: SIGINT/SIGTERM reach the supervisor, which stops its worker; the worker's lifespan
-shutdown refuses new requests, tells the engine to stop (it aborts what is in flight, so every open
-request gets its finished delta and streams end with finish_reason "abort"), waits for the engine
-process to exit (killing it after a timeout) and then exits itself. The engine ignores SIGINT (a
+Shutdown: SIGINT/SIGTERM reach the supervisor, which first sends its worker `DRAIN_SIGNAL`
+(SIGUSR1) and then stops it as Granian does. On the drain signal the worker refuses new requests
+and tells the engine to stop; the engine aborts what is in flight, so every open request gets its
+finished delta and streams end with finish_reason "abort" instead of running on while Granian
+waits for them; the worker waits for the engine process to exit (killing it after a timeout),
+runs its lifespan shutdown and exits, and then the supervisor exits. The engine ignores SIGINT (a
 Ctrl-C in a terminal reaches the whole process group) and stops on SIGTERM.
 
 Only argparse-level imports at module scope (`pd-serve --help` loads this); FastAPI, Granian and
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -117,8 +120,9 @@ def build_app(engine: EngineConfig, server: ServerConfig) -> Any:
     return create_app(NodeState(server, engine, ColocatedBackend(engine)))
 
 
-def serve(engine: EngineConfig, server: ServerConfig) -> int:
-    """Serve until SIGINT/SIGTERM; returns the exit code."""
+def serve(engine: EngineConfig, server: ServerConfig, target_loader: Callable[[], Any] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code. `target_loader` builds the app in the
+    worker (default: the colocated node's); the prefill and decode roles pass their own."""
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces
     from granian.log import LogLevels
@@ -136,5 +140,30 @@ def serve(engine: EngineConfig, server: ServerConfig) -> int:
         log_level=LogLevels(server.log_level),
         log_access=False,
     )
-    granian.serve(target_loader=partial(build_app, engine, server), wrap_loader=False)
+    _drain_before_stop(granian)
+    granian.serve(target_loader=target_loader or partial(build_app, engine, server), wrap_loader=False)
     return 0
+
+
+def _drain_before_stop(granian: Any) -> None:
+    """On SIGINT/SIGTERM, first tell the worker to drain (DRAIN_SIGNAL), then stop it as Granian does.
+
+    Granian stops a worker gracefully: it waits for open connections, and a stream may run for
+    minutes. Draining first aborts those requests in the engine, so their streams end at once with
+    a finish. This wraps Granian's supervisor signal handler (`signal_handler_interrupt`, installed
+    by `serve()`); should a later Granian rename it, shutdown still works, only slower.
+    """
+    import os
+
+    from pd_serve.server.state import DRAIN_SIGNAL
+
+    stop = granian.signal_handler_interrupt
+
+    def drain_then_stop(*args: Any, **kwargs: Any) -> None:
+        for worker in list(getattr(granian, "wrks", [])):
+            pid = getattr(getattr(worker, "inner", None), "pid", None)
+            if pid is not None and worker.is_alive():
+                os.kill(pid, DRAIN_SIGNAL)
+        stop(*args, **kwargs)
+
+    granian.signal_handler_interrupt = drain_then_stop

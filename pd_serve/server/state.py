@@ -1,9 +1,11 @@
 """Everything one node's app holds between requests, and its start/stop order.
 
 `NodeState.start()` (the ASGI lifespan's startup) starts the backend (the engine process) and loads
-the tokenizer at the same time; `stop()` refuses new requests, shuts the backend down (every open
-request then gets its finished delta), gives open streams a moment to write their last chunk, and
-stops the tokenizer thread. `Admission` counts engine requests in flight and refuses past
+the tokenizer at the same time; `drain()` (on `DRAIN_SIGNAL`, sent by the supervisor before it stops
+its worker, since the server would otherwise wait for every stream to end on its own) refuses new
+requests and shuts the backend down, so every open request gets its finished delta; `stop()` (the
+lifespan's shutdown) drains if that has not happened, gives open streams a moment to write their
+last chunk, and stops the tokenizer thread. `Admission` counts engine requests in flight and refuses past
 `--max-running-requests + --max-queued-requests` with a 503.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,7 @@ from pd_serve.server.tokenization import Tokenization
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 DRAIN_S = 5.0
+DRAIN_SIGNAL = signal.SIGUSR1  # supervisor -> API process: abort what is in flight, we are stopping
 
 
 class Admission:
@@ -142,9 +146,16 @@ class NodeState:
         self.admission = Admission(limit)
         log.info("node ready: %s, model %s, max_model_len %d", self.backend.role, self.model_name, self.max_model_len)
 
-    async def stop(self) -> None:
+    async def drain(self) -> None:
+        """Refuse new requests and stop the backend: every open request gets its finished delta."""
+        if self.draining:
+            return
         self.draining = True
+        log.info("draining: in-flight requests end with finish_reason 'abort'")
         await self.backend.shutdown()
+
+    async def stop(self) -> None:
+        await self.drain()
         deadline = time.monotonic() + DRAIN_S
         while self.open_streams and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
