@@ -1,0 +1,321 @@
+"""The frontend's ASGI app (pure ASGI, no framework on the hot path), served by Granian.
+
+Routes: `POST /v1/chat/completions` and `/v1/completions` (paired and relayed by `proxy.Relay`),
+`GET /v1/models` (from any live node), `GET /health` (200 while a compatible pair or a decode node is
+live), `GET /metrics` (Prometheus), `GET /nodes` (the node set), `POST /flush_cache` (fanned out to
+every node). With `--api-key` every route but /health and /metrics needs `Authorization: Bearer KEY`.
+The lifespan opens the one shared upstream `httpx.AsyncClient` and starts the node watcher. Every
+error leaves as OpenAI-shaped JSON; an unexpected exception is logged with its stack, never sent.
+A generation request runs as a task that is cancelled when the client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import httpx
+import orjson
+
+from pd_serve.frontend.config import FrontendConfig
+from pd_serve.frontend.errors import RETRY_AFTER_S, error_bytes
+from pd_serve.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from pd_serve.frontend.nodes import NodeSet, watch_bootstrap, watch_static
+from pd_serve.frontend.proxy import ClientGone, Relay, reply, send_checked
+from pd_serve.frontend.router import Router
+
+log = logging.getLogger(__name__)
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+GENERATE = frozenset({"/v1/chat/completions", "/v1/completions"})
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+ROUTES = {
+    "/v1/chat/completions": "POST",
+    "/v1/completions": "POST",
+    "/v1/models": "GET",
+    "/health": "GET",
+    "/metrics": "GET",
+    "/nodes": "GET",
+    "/flush_cache": "POST",
+}
+CLIENT_GONE_STATUS = 499
+
+
+def upstream_client(config: FrontendConfig) -> httpx.AsyncClient:
+    """The one pool every upstream call shares: keep-alive, every wait bounded."""
+    timeout = httpx.Timeout(
+        config.upstream_timeout, connect=config.connect_timeout, pool=config.connect_timeout
+    )
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512, keepalive_expiry=30.0)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, verify=False)
+
+
+class FrontendApp:
+    def __init__(self, config: FrontendConfig) -> None:
+        self.config = config
+        self.nodes = NodeSet(config)
+        self.metrics = FrontendMetrics()
+        self.router = Router(config, self.nodes)
+        self._key = config.api_key.encode() if config.api_key else None
+        self.http: httpx.AsyncClient | None = None
+        self.relay: Relay | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.http = upstream_client(self.config)
+        self.relay = Relay(self.config, self.nodes, self.router, self.http, self.metrics)
+        if self.config.bootstrap:
+            watcher = watch_bootstrap(self.nodes, self.config.bootstrap)
+        else:
+            watcher = watch_static(self.nodes, self.http, self._node_headers())
+        self._watcher = asyncio.create_task(watcher, name="frontend-node-watch")
+        log.info(
+            "frontend on %s:%d, policy %s, nodes from %s",
+            self.config.host,
+            self.config.port,
+            self.config.policy,
+            self.config.bootstrap or "static lists",
+        )
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self.relay is not None:
+            await self.relay.aclose()
+        if self.http is not None:
+            await self.http.aclose()
+
+    def _node_headers(self) -> dict[str, str]:
+        key = self.config.node_api_key
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        status = 500
+
+        async def noted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._route(path, scope, receive, noted)
+        except ClientGone:
+            status = CLIENT_GONE_STATUS
+        except Exception:
+            log.exception("unexpected error on %s %s", scope["method"], path)
+            with contextlib.suppress(ClientGone):
+                await reply(
+                    noted,
+                    500,
+                    error_bytes(500, "internal error in the frontend; see its log", code="internal_error"),
+                )
+        finally:
+            self.metrics.requests.labels(
+                route=path if path in ROUTES else "unrouted", status=str(status)
+            ).inc()
+
+    async def _route(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        method = ROUTES.get(path)
+        if method is None:
+            await reply(send, 404, error_bytes(404, f"no route {path}", code="not_found"))
+        elif scope["method"] != method:
+            await reply(send, 405, error_bytes(405, f"{path} takes {method}, not {scope['method']}"))
+        elif path not in OPEN_PATHS and not self._authorized(scope):
+            message = (
+                "missing or wrong API key: send 'Authorization: Bearer <key>' with the frontend's --api-key"
+            )
+            await reply(
+                send,
+                401,
+                error_bytes(401, message, code="invalid_api_key"),
+                ((b"www-authenticate", b"Bearer"),),
+            )
+        elif path in GENERATE:
+            await self._generate(path, scope, receive, send)
+        elif path == "/health":
+            await self._health(send)
+        elif path == "/metrics":
+            body = self.metrics.render(self.nodes)
+            await send_checked(
+                send,
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE.encode())],
+                },
+            )
+            await send_checked(send, {"type": "http.response.body", "body": body})
+        elif path == "/nodes":
+            await reply(send, 200, orjson.dumps({"nodes": self.nodes.describe()}))
+        elif path == "/v1/models":
+            await self._models(send)
+        else:
+            await self._flush_cache(send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._key is None:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, given = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._key)
+        return False
+
+    async def _generate(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await self._read_body(receive)
+        if raw is None:
+            limit = self.config.max_request_bytes
+            await reply(
+                send,
+                413,
+                error_bytes(
+                    413,
+                    f"the request body is over {limit} bytes (--max-request-bytes)",
+                    code="request_too_large",
+                ),
+            )
+            return
+        body, problem = parse_body(raw)
+        if body is None:
+            await reply(send, 400, error_bytes(400, problem, param=_param_of(problem), code="invalid_value"))
+            return
+        assert self.relay is not None
+        work = asyncio.create_task(self.relay.serve(path, body, raw, send))
+        gone = asyncio.create_task(_disconnected(receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, gone):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
+        if gone.done() and not gone.cancelled() and work.cancelled():
+            raise ClientGone("client disconnected")
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientGone("client disconnected while sending its body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.config.max_request_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _health(self, send: Send) -> None:
+        pairs = self.nodes.has_pair()
+        decodes = [n for n in self.nodes.of_role("decode", "colocated") if self.nodes.available(n)]
+        prefills = self.nodes.of_role("prefill")
+        ok = pairs or (bool(decodes) and not prefills)
+        body = {
+            "status": "ok" if ok else "no compatible node pair",
+            "pairs": pairs,
+            "prefill": len(prefills),
+            "decode": len(self.nodes.of_role("decode", "colocated")),
+        }
+        headers = () if ok else ((b"retry-after", RETRY_AFTER_S.encode()),)
+        await reply(send, 200 if ok else 503, orjson.dumps(body), headers)
+
+    async def _models(self, send: Send) -> None:
+        assert self.http is not None
+        for node in self.nodes.of_role("decode", "colocated") + self.nodes.of_role("prefill"):
+            if not self.nodes.available(node):
+                continue
+            try:
+                r = await self.http.get(f"{node.url}/v1/models", headers=self._node_headers(), timeout=5.0)
+            except httpx.HTTPError:
+                continue
+            if r.status_code == 200:
+                await reply(send, 200, r.content)
+                return
+        await reply(
+            send,
+            503,
+            error_bytes(503, "no live node answered /v1/models", code="no_node"),
+            ((b"retry-after", RETRY_AFTER_S.encode()),),
+        )
+
+    async def _flush_cache(self, send: Send) -> None:
+        http = self.http
+        assert http is not None
+        nodes = list(self.nodes.nodes.values())
+
+        async def one(url: str) -> dict[str, Any]:
+            try:
+                r = await http.post(f"{url}/flush_cache", headers=self._node_headers(), timeout=30.0)
+            except httpx.HTTPError as exc:
+                return {"status": 0, "error": type(exc).__name__}
+            try:
+                return {"status": r.status_code, "body": r.json()}
+            except ValueError:
+                return {"status": r.status_code, "body": r.text[:200]}
+
+        results = await asyncio.gather(*(one(n.url) for n in nodes))
+        by_node = {n.node_id: res for n, res in zip(nodes, results)}
+        ok = all(res["status"] == 200 for res in results)
+        await reply(send, 200 if ok else 502, orjson.dumps({"nodes": by_node}))
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client disconnects (the body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The JSON object, or None and what is wrong with it (the 400 message)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, f"the body is not valid JSON: {exc}"
+    if not isinstance(body, dict):
+        return None, "the body must be a JSON object"
+    if "pd" in body:
+        return None, "pd: this field is set by the frontend; leave it out"
+    if not isinstance(body.get("stream", False), bool):
+        return None, "stream: must be true or false"
+    return body, ""
+
+
+def _param_of(problem: str) -> str | None:
+    head = problem.split(":", 1)[0]
+    return head if head in ("pd", "stream") else None
+
+
+def create_app(config: FrontendConfig) -> FrontendApp:
+    return FrontendApp(config)

@@ -1,0 +1,117 @@
+"""Frozen configuration of the frontend (`FrontendConfig`), validated in `__post_init__`.
+
+Errors name the field and the flag that sets it. The API keys are kept out of `repr()`. Standard
+library only: `pd-serve --help` imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+POLICIES = ("round_robin", "least_load", "power_of_two", "prefix_aware")
+
+
+class FrontendConfigError(ValueError):
+    """A frontend configuration value is invalid; the message names the field and its flag."""
+
+
+def _require(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise FrontendConfigError(f"{name} (--{name.replace('_', '-')}): {message}")
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Where the frontend listens, where it finds nodes, and how it picks and retries them."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    bootstrap: str | None = None  # bootstrap URL; None: static lists only
+    prefill_urls: tuple[str, ...] = ()
+    decode_urls: tuple[str, ...] = ()
+    policy: str = "round_robin"
+    max_retries: int = 2  # extra attempts on another pair, only before the client saw a byte
+    local_prefill_threshold: int = 0  # prompts shorter than this many characters go to decode alone
+    api_key: str | None = field(default=None, repr=False)
+    node_api_key: str | None = field(default=None, repr=False)  # sent to nodes as a bearer token
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    breaker_failures: int = 3  # consecutive failures that open a node's breaker
+    breaker_cooldown: float = 5.0  # seconds open before one probe request is let through
+    connect_timeout: float = 5.0
+    upstream_timeout: float = 600.0  # longest silence from a node (headers or between chunks)
+    probe_interval: float = 1.0  # static nodes: seconds between /health probes; bootstrap: load refresh
+    prefix_chars: int = 256  # prefix_aware: characters of the prompt that name its prefix
+    prefix_balance: float = 4.0  # prefix_aware: leave the owner when its load > min load + this
+    max_request_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.host), "host", "must not be empty")
+        _require(0 <= self.port <= 65535, "port", f"{self.port} is outside 0..65535")
+        _require(
+            self.bootstrap is not None or bool(self.decode_urls),
+            "bootstrap",
+            "give --bootstrap URL, or static node lists (--decode URL ... [--prefill URL ...])",
+        )
+        _require(
+            self.bootstrap is None or not (self.decode_urls or self.prefill_urls),
+            "bootstrap",
+            "use either --bootstrap or the static lists (--prefill/--decode), not both",
+        )
+        _require(
+            self.bootstrap is None or _is_url(self.bootstrap),
+            "bootstrap",
+            f"{self.bootstrap!r} is not an http(s):// URL",
+        )
+        for name in ("prefill_urls", "decode_urls"):
+            flag = name.split("_")[0]
+            for url in getattr(self, name):
+                _require(_is_url(url), flag, f"{url!r} is not an http(s):// URL")
+            _require(len(set(getattr(self, name))) == len(getattr(self, name)), flag, "a URL is listed twice")
+        _require(self.policy in POLICIES, "policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}")
+        _require(0 <= self.max_retries <= 10, "max_retries", f"{self.max_retries} is outside 0..10")
+        _require(self.local_prefill_threshold >= 0, "local_prefill_threshold", "must be >= 0 (0 = off)")
+        for name in ("api_key", "node_api_key"):
+            key = getattr(self, name)
+            _require(key is None or bool(key.strip()), name, "is empty; leave it unset or give a key")
+        _require(
+            (self.ssl_certfile is None) == (self.ssl_keyfile is None),
+            "ssl_certfile",
+            "--ssl-certfile and --ssl-keyfile must be given together",
+        )
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            _require(path is None or os.path.isfile(path), name, f"{path!r} is not a readable file")
+        _require(self.breaker_failures >= 1, "breaker_failures", "must be >= 1")
+        for name in (
+            "breaker_cooldown",
+            "connect_timeout",
+            "upstream_timeout",
+            "probe_interval",
+            "prefix_balance",
+        ):
+            _require(getattr(self, name) > 0, name, f"{getattr(self, name)} must be positive")
+        _require(self.prefix_chars >= 1, "prefix_chars", "must be >= 1")
+        _require(
+            self.max_request_bytes >= 1024, "max_request_bytes", f"{self.max_request_bytes} is below 1024"
+        )
+        _require(
+            self.log_level in ("debug", "info", "warning", "error"),
+            "log_level",
+            f"{self.log_level!r} is not one of debug, info, warning, error",
+        )
+
+    @property
+    def static(self) -> bool:
+        """True when nodes come from --prefill/--decode lists rather than bootstrap."""
+        return self.bootstrap is None
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+
+def _is_url(url: str) -> bool:
+    return url.startswith(("http://", "https://")) and len(url) > 8 and " " not in url

@@ -1,0 +1,274 @@
+"""`pd-serve up`: a whole local cluster as child processes: bootstrap, N prefill, M decode, the frontend.
+
+Every child runs `python -m pd_serve.cli ROLE` on a free loopback port, in a session of its own (so a
+signal reaches its Granian worker and engine too) with its log in `--log-dir`, and dies with this
+process (PR_SET_PDEATHSIG) should `up` itself be killed. `up` waits until the frontend's /health is
+200, naming the child that failed (with the tail of its log) if one exits or the wait times out,
+prints the URL and a curl example, and watches: SIGINT/SIGTERM, or the frontend or bootstrap exiting,
+stop every child (SIGTERM to each process group, SIGKILL after `--grace` seconds). `--colocated`
+runs one `pd-serve colocated` node behind the frontend instead (no bootstrap, no prefill nodes).
+
+Only argparse-level imports at module scope (`pd-serve --help` loads this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pd_serve.config import add_engine_arguments
+from pd_serve.frontend.config import POLICIES
+
+READY_POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("cluster")
+    g.add_argument(
+        "--num-prefill", "--prefill", type=int, default=1, dest="num_prefill", help="prefill nodes"
+    )
+    g.add_argument("--num-decode", "--decode", type=int, default=1, dest="num_decode", help="decode nodes")
+    g.add_argument("--colocated", action="store_true", help="one colocated node behind the frontend instead")
+    g.add_argument("--host", default="127.0.0.1", help="address the frontend listens on (children: loopback)")
+    g.add_argument("--port", type=int, default=8000, help="the frontend's port")
+    g.add_argument("--policy", default="round_robin", choices=POLICIES, help="the frontend's pairing policy")
+    g.add_argument("--api-key", default=None, help="the frontend's API key")
+    g.add_argument(
+        "--transfer-backend", default=None, choices=("ucx", "tcp", "cma"), help="KV transfer backend"
+    )
+    g.add_argument(
+        "--log-dir", default=None, help="where each child's log goes (default: a new temporary directory)"
+    )
+    g.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="seconds to wait for the cluster to be healthy"
+    )
+    g.add_argument(
+        "--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL when stopping"
+    )
+    g.add_argument(
+        "--frontend-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra argument for pd-serve frontend (repeat; e.g. --frontend-arg=--max-retries=3)",
+    )
+    add_engine_arguments(parser)
+    parser.set_defaults(_up_parser=parser)
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The engine flags given on the command line (not left at their defaults), as node arguments."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_engine_arguments(probe)
+    flags: list[str] = []
+    for action in probe._actions:
+        if not action.option_strings or action.dest == "model":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        if isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction):
+            flags.append(action.option_strings[0])
+        else:
+            flags += [action.option_strings[0], str(value)]
+    return flags
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when `up` dies, however it dies (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    """One `pd-serve ROLE` child: its own session and a log file that outlives it."""
+
+    def __init__(self, name: str, argv: list[str], url: str, log_dir: Path) -> None:
+        self.name, self.argv, self.url = name, argv, url
+        self.log_path = log_dir / f"{name}.log"
+        with open(self.log_path, "wb") as log_file:
+            self.popen = subprocess.Popen(
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    def exited(self) -> int | None:
+        return self.popen.poll()
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2.0) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+
+class ClusterFailed(RuntimeError):
+    """A child exited or did not become healthy; the message names it and ends with its log."""
+
+
+class Cluster:
+    def __init__(self, args: argparse.Namespace, log_dir: Path, stop: threading.Event) -> None:
+        self.args, self.log_dir, self.stop_event = args, log_dir, stop
+        self.children: list[Child] = []
+        self.bootstrap: Child | None = None
+        self.frontend: Child | None = None
+
+    def _start(self, name: str, role: str, port: int, extra: list[str]) -> Child:
+        argv = [sys.executable, "-m", "pd_serve.cli", role, "--port", str(port), *extra]
+        child = Child(name, argv, f"http://127.0.0.1:{port}", self.log_dir)
+        self.children.append(child)
+        return child
+
+    def start(self) -> str:
+        """Start every child and wait until the frontend is healthy; returns the frontend URL."""
+        a = self.args
+        node_args = ["--host", "127.0.0.1", "--model", a.model, *engine_flags(a)]
+        if a.colocated:
+            node = self._start("colocated-0", "colocated", free_port(), node_args)
+            self._wait([node])
+            nodes_flag = ["--decode", node.url]
+        else:
+            self.bootstrap = self._start("bootstrap", "bootstrap", free_port(), ["--host", "127.0.0.1"])
+            self._wait([self.bootstrap])
+            role_args = [*node_args, "--bootstrap", self.bootstrap.url]
+            if a.transfer_backend:
+                role_args += ["--transfer-backend", a.transfer_backend]
+            nodes = [
+                self._start(f"{role}-{i}", role, port, [*role_args, "--node-id", f"{role}-{i}"])
+                for role, count in (("prefill", a.num_prefill), ("decode", a.num_decode))
+                for i in range(count)
+                for port in (free_port(),)
+            ]
+            self._wait(nodes)
+            nodes_flag = ["--bootstrap", self.bootstrap.url]
+        front = ["--host", a.host, "--policy", a.policy, *nodes_flag, *a.frontend_arg]
+        if a.api_key:
+            front += ["--api-key", a.api_key]
+        self.frontend = self._start("frontend", "frontend", a.port, front)
+        self.frontend.url = f"http://{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.port}"
+        self._wait([self.frontend])
+        return self.frontend.url
+
+    def _wait(self, children: list[Child]) -> None:
+        deadline = time.monotonic() + self.args.ready_timeout
+        pending = list(children)
+        while pending:
+            for child in list(pending):
+                code = child.exited()
+                if code is not None:
+                    raise ClusterFailed(
+                        f"{child.name} exited with {code} while starting; log {child.log_path}:\n"
+                        f"{child.log_tail()}"
+                    )
+                if child.healthy():
+                    pending.remove(child)
+            if self.stop_event.is_set():
+                raise ClusterFailed("stopped by a signal while starting")
+            if pending and time.monotonic() > deadline:
+                child = pending[0]
+                raise ClusterFailed(
+                    f"{child.name} not healthy within {self.args.ready_timeout}s "
+                    f"(--ready-timeout); log {child.log_path}:\n{child.log_tail()}"
+                )
+            if pending:
+                self.stop_event.wait(READY_POLL_S)
+
+    def watch(self) -> int:
+        """Until a signal (0), or the frontend or bootstrap exits (1); a node exiting is reported."""
+        reported: set[str] = set()
+        while not self.stop_event.wait(0.5):
+            for child in self.children:
+                code = child.exited()
+                if code is None or child.name in reported:
+                    continue
+                reported.add(child.name)
+                print(
+                    f"pd-serve up: {child.name} exited with {code}; log {child.log_path}:\n{child.log_tail(1500)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if child in (self.frontend, self.bootstrap):
+                    return 1
+        return 0
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM every child (frontend first), then SIGKILL whatever is left after `grace` seconds."""
+        for child in reversed(self.children):
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.popen.wait(max(0.0, deadline - time.monotonic()))
+        for child in self.children:  # the leader's leftovers (Granian workers, engines) too
+            child.signal(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.popen.wait(5.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_prefill < 0 or args.num_decode < 1:
+        print("pd-serve up: --num-decode must be >= 1 and --num-prefill >= 0", file=sys.stderr)
+        return 2
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-serve-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = Cluster(args, log_dir, stop)
+    code = 0
+    try:
+        url = cluster.start()
+        layout = (
+            "1 colocated node" if args.colocated else f"{args.num_prefill} prefill, {args.num_decode} decode"
+        )
+        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        print(
+            f"pd-serve up: ready at {url} ({layout}; logs in {log_dir})\n"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+            f'    -d \'{{"model": "{args.model}", "messages": [{{"role": "user", "content": "Hello"}}], '
+            f'"max_tokens": 32}}\'',
+            flush=True,
+        )
+        code = cluster.watch()
+    except ClusterFailed as exc:
+        print(f"pd-serve up: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        print("pd-serve up: stopping", file=sys.stderr, flush=True)
+        cluster.stop(args.grace)
+    return code
