@@ -114,4 +114,5 @@ class FrontendConfig:
 
 
 def _is_url(url: str) -> bool:
-    return url.startswith(("http://", "https://")) and len(url) > 8 and " " not in url
+    scheme, _, rest = url.partition("://")
+    return scheme in ("http", "https") and bool(rest.strip("/")) and " " not in url
