@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pd_serve.engine.cli", "generate text offline with the engine (no server)"),
     "bootstrap": ("pd_serve.bootstrap.cli", "run the rendezvous service: node registry, heartbeats, pair checks"),
     "colocated": ("pd_serve.server.cli", "serve the OpenAI API from one engine doing prefill and decode"),
+    "prefill": ("pd_serve.server.role_cli", "serve a prefill node: computes prompt KV and pushes it to decode nodes"),
+    "decode": ("pd_serve.server.role_cli", "serve a decode node: receives prompt KV, decodes, streams tokens"),
     "frontend": ("pd_serve.frontend.cli", "the OpenAI edge: pairs each request with a prefill and a decode node"),
     "up": ("pd_serve.frontend.up", "run a local cluster: bootstrap, prefill and decode nodes, frontend"),
 }

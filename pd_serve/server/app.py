@@ -107,6 +107,8 @@ def _add_admin_routes(app: FastAPI, state: NodeState) -> None:
             "engine_pid": state.backend.engine_pid,
             "max_model_len": state.max_model_len,
             "layout": state.info.get("layout"),
+            "transfer_endpoint": state.info.get("transfer_endpoint"),
+            "transfer_backend": state.info.get("transfer_backend"),
             "engine_config": asdict(state.engine_config),
             "server_config": state.config.public_dict(),
             "pages": {

@@ -54,6 +54,20 @@ class NodeMetrics:
         )
         self.preemptions = Gauge("pd_node_preemptions", "Preemptions since the engine started", registry=r)
         self.engine_alive = Gauge("pd_node_engine_alive", "1 while the engine loop is alive", registry=r)
+        # disaggregation (prefill and decode nodes; zero on a colocated node)
+        self.rooms = Gauge("pd_node_transfer_rooms", "Rooms by state: live now, or finished since start",
+                           ["state"], registry=r)
+        self.kv_pages = Gauge("pd_node_transfer_kv_pages", "KV pages sent (prefill), received or reused from "
+                              "the local prefix cache (decode), since start", ["kind"], registry=r)
+        self.transfer_counters = Gauge("pd_node_transfer_engine", "The transfer engine's counters (bytes, "
+                                       "dropped messages, failures)", ["counter"], registry=r)
+        self.handoff = Histogram("pd_node_kv_handoff_seconds", "Decode node: arrival to first token committed "
+                                 "(waiting for the prefill node and the KV transfer)", buckets=_LATENCY_BUCKETS,
+                                 registry=r)
+        self.prefill_phase = Histogram("pd_node_prefill_phase_seconds", "Prefill node: time per phase of a room",
+                                       ["phase"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.room_failures = Counter("pd_node_transfer_room_failures", "Failed rooms by reason (first words)",
+                                     ["reason"], registry=r)
 
     def update_engine(self, stats: EngineStats | None, alive: bool) -> None:
         self.engine_alive.set(1 if alive else 0)
@@ -69,6 +83,17 @@ class NodeMetrics:
         queried = stats.prefix_cache_queried_tokens
         self.prefix_hit_rate.set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
         self.preemptions.set(stats.num_preemptions)
+        self.rooms.labels(state="live").set(stats.num_in_transfer)
+        self.rooms.labels(state="succeeded").set(stats.rooms_succeeded)
+        self.rooms.labels(state="failed").set(stats.rooms_failed)
+        self.kv_pages.labels(kind="sent").set(stats.kv_pages_sent)
+        self.kv_pages.labels(kind="received").set(stats.kv_pages_received)
+        self.kv_pages.labels(kind="reused").set(stats.kv_pages_reused)
+        for name, value in stats.transfer.items():
+            self.transfer_counters.labels(counter=name).set(value)
+
+    def room_failed(self, reason: str) -> None:
+        self.room_failures.labels(reason=" ".join(reason.split()[:3])[:40]).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,7 +30,7 @@ from pd_serve.server.formatting import (
     logprob_token_ids,
     sse,
 )
-from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, PDSpec, _GenerationRequest
 from pd_serve.server.state import NodeState, Ticket
 
 Stream = AsyncIterator[RequestDelta]
@@ -135,6 +135,8 @@ class OpenAIServing:
     ) -> JSONResponse | StreamingResponse:
         planned = self.plan(req, prompts, prompt_param, fmt.response_id)
         arrival = time.monotonic()
+        if self.state.backend.role == "prefill":
+            return await self._prefill(req, planned, arrival)
         if req.stream:
             # slots are taken when the body starts: a stream Starlette never starts holds none
             self.state.admission.check(len(planned))
@@ -155,8 +157,13 @@ class OpenAIServing:
             m = self.state.metrics
             last = None
             try:
-                async for delta in self.state.backend.generate(c.prompt_ids, c.params, c.request_id, req.pd):
+                pd = _choice_pd(req.pd, c.index)
+                async for delta in self.state.backend.generate(c.prompt_ids, c.params, c.request_id, pd):
                     now = time.monotonic()
+                    if pd is not None and last is None and delta.new_token_ids:
+                        m.handoff.observe(now - arrival)
+                    if delta.error and pd is not None:
+                        m.room_failed(delta.error)
                     if delta.new_token_ids:
                         if last is None:
                             m.ttft.observe(now - arrival)
@@ -173,6 +180,35 @@ class OpenAIServing:
                 ticket.release_one()
 
         return run()
+
+    async def _prefill(self, req: _GenerationRequest, planned: list[PlannedChoice], arrival: float) -> JSONResponse:
+        """A prefill node's answer: once every room of the request is done, its timings (never streamed)."""
+        ticket = self.state.admission.acquire(len(planned))
+        streams = [self._engine_stream(c, req, ticket, arrival) for c in planned]
+        rooms: list[dict[str, object]] = []
+        try:
+            finals: dict[int, RequestDelta] = {}
+            async for i, delta in _merge(streams, list(range(len(streams)))):
+                if delta.finished:
+                    finals[i] = delta
+            for i, c in enumerate(planned):
+                final = finals[i]
+                if final.error is not None or final.finish_reason == "abort":
+                    reason = final.error or "aborted"
+                    param = final.error_param
+                    if param is not None and param != "pd":
+                        raise bad_request(req.request_param(param), reason)
+                    raise APIError(502, f"prefill of room {_choice_pd(req.pd, c.index).room} failed: {reason}",  # type: ignore[union-attr]
+                                   code="prefill_failed")
+                for phase, seconds in (final.info or {}).items():
+                    self.state.metrics.prefill_phase.labels(phase=phase.removesuffix("_s")).observe(seconds)
+                rooms.append({"room": _choice_pd(req.pd, c.index).room, "prompt_tokens": final.num_prompt_tokens,  # type: ignore[union-attr]
+                              "cached_tokens": final.num_cached_tokens, "timings": final.info or {}})
+        finally:
+            await _close_all(streams)
+            ticket.release_all()
+        first = rooms[0]
+        return JSONResponse({**first, "rooms": rooms})
 
     def _refusal(self, req: _GenerationRequest, choice: ChoiceState, delta: RequestDelta) -> APIError | None:
         """The error for a request the engine refused or lost before it produced anything."""
@@ -236,6 +272,13 @@ class OpenAIServing:
             return {}
         order = sorted(ids)
         return dict(zip(order, await self.state.tokenizer.token_strings(order)))
+
+
+def _choice_pd(pd: PDSpec | None, index: int) -> PDSpec | None:
+    """Choice i of a request (n > 1, or several prompts) uses room + i: both nodes derive the same rooms."""
+    if pd is None or index == 0:
+        return pd
+    return pd.model_copy(update={"room": (pd.room + index) % (1 << 63)})
 
 
 def _usage(choices: list[ChoiceState], n: int) -> Usage:
