@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ class Up:
     def __init__(self, args: list[str]) -> None:
         self.port = free_port()
         self.log = Path(tempfile.mkstemp(prefix="pd-serve-up-test-", suffix=".log")[1])
+        self.log_dir = tempfile.mkdtemp(prefix="pd-serve-up-test-logs-")
         argv = [
             sys.executable,
             "-m",
@@ -50,6 +52,8 @@ class Up:
             KEY,
             "--grace",
             "10",
+            "--log-dir",
+            self.log_dir,
             *args,
         ]
         with open(self.log, "wb") as out:
@@ -82,6 +86,7 @@ class Up:
             self.popen.kill()
         self.popen.wait(10)
         self.log.unlink(missing_ok=True)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
