@@ -21,7 +21,7 @@ START_TIMEOUT = 240.0
 
 
 class RoleProcess(ChildProcess):
-    def __init__(self, role: str, bootstrap_url: str | None, args: Sequence[str] = ()) -> None:
+    def __init__(self, role: str, bootstrap_url: str | None, args: Sequence[str] = (), wait: bool = True) -> None:
         self.role = role
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -31,7 +31,11 @@ class RoleProcess(ChildProcess):
         if bootstrap_url:
             argv += ["--bootstrap", bootstrap_url]
         super().__init__(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.wait_ready(self._healthy, START_TIMEOUT, f"pd-serve {role} on {self.url}")
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        self.wait_ready(self._healthy, START_TIMEOUT, f"pd-serve {self.role} on {self.url}")
 
     def _healthy(self) -> bool:
         try:
@@ -50,11 +54,13 @@ class Cluster:
     def __init__(self, node_args: Sequence[str] = ()) -> None:
         self.bootstrap = BootstrapProcess(args=["--node-ttl", "5"])
         self.children: list[ChildProcess] = [self.bootstrap]
-        try:
-            self.prefill = RoleProcess("prefill", self.bootstrap.url, node_args)
+        try:  # both nodes start at once
+            self.prefill = RoleProcess("prefill", self.bootstrap.url, node_args, wait=False)
             self.children.append(self.prefill)
-            self.decode = RoleProcess("decode", self.bootstrap.url, node_args)
+            self.decode = RoleProcess("decode", self.bootstrap.url, node_args, wait=False)
             self.children.append(self.decode)
+            self.prefill.wait()
+            self.decode.wait()
         except BaseException:
             self.stop()
             raise

@@ -35,9 +35,10 @@ def colocated():
     node.stop()
 
 
-@pytest.fixture(scope="module", params=["tcp", "ucx"])
-def cluster(request):
-    c = Cluster([*NODE_ARGS, "--transfer-backend", request.param])
+@pytest.fixture(scope="module")
+def cluster():
+    """The tcp cluster most tests share; the last test of the module kills its nodes."""
+    c = Cluster([*NODE_ARGS, "--transfer-backend", "tcp"])
     yield c
     c.stop()
 
@@ -70,6 +71,10 @@ def _stream_text(response_lines: list[str]) -> str:
 
 
 def test_greedy_outputs_equal_colocated(cluster: Cluster, colocated: NodeProcess) -> None:
+    _check_equal_outputs(cluster, colocated)
+
+
+def _check_equal_outputs(cluster: Cluster, colocated: NodeProcess) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(timeout=120) as client:
             expected = await asyncio.gather(
@@ -132,15 +137,18 @@ def _kill(node: RoleProcess) -> None:
     node.popen.wait(timeout=10)
 
 
-@pytest.fixture()
-def doomed_cluster():
-    c = Cluster([*NODE_ARGS, "--transfer-backend", "tcp"])
-    yield c
-    c.stop()
+def test_greedy_outputs_equal_colocated_over_ucx(colocated: NodeProcess) -> None:
+    c = Cluster([*NODE_ARGS, "--transfer-backend", "ucx"])
+    try:
+        assert c.prefill.server_info()["transfer_backend"] == "ucx"
+        _check_equal_outputs(c, colocated)
+    finally:
+        c.stop()
 
 
-def test_node_deaths_fail_rooms_cleanly(doomed_cluster: Cluster) -> None:
-    c = doomed_cluster
+def test_node_deaths_fail_rooms_cleanly(cluster: Cluster) -> None:
+    """Last in the module: it kills the shared cluster's nodes."""
+    c = cluster
 
     async def main() -> None:
         async with httpx.AsyncClient(timeout=60) as client:
