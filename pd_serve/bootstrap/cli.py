@@ -13,6 +13,7 @@ import socket
 import sys
 from functools import partial
 
+from pd_serve import cli_config
 from pd_serve.bootstrap.config import TOKEN_ENV, BootstrapConfig, BootstrapConfigError, read_token
 
 
@@ -32,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-nodes", type=int, default=d.max_nodes, help="most node records kept")
     parser.add_argument("--redis-prefix", default=d.redis_prefix, help="key prefix in Redis")
     parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    cli_config.add_config_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> BootstrapConfig:
+    args = cli_config.resolve(args, BootstrapConfigError)
     return BootstrapConfig(
         host=args.host,
         port=args.port,
@@ -49,10 +52,13 @@ def config_from_args(args: argparse.Namespace) -> BootstrapConfig:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        args = cli_config.resolve(args, BootstrapConfigError)
         config = config_from_args(args)
+        if args.print_config:
+            return cli_config.print_config(args)
         check_port_free(config.host, config.port)
     except BootstrapConfigError as exc:
-        print(f"pd-serve bootstrap: {exc}", file=sys.stderr)
+        print(f"pd-serve bootstrap: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2
     serve(config)
     return 0

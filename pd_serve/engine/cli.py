@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from pd_serve import cli_config
 from pd_serve.config import add_engine_arguments, engine_config_from_args
 
 
@@ -14,13 +16,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--chat", action="store_true", help="render each prompt as a user message with the chat template")
     add_engine_arguments(parser)
+    cli_config.add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        args = cli_config.resolve(args)
+        config = engine_config_from_args(args)
+    except ValueError as exc:
+        print(f"pd-serve generate: {cli_config.explain(exc, args)}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        return cli_config.print_config(args)
     from pd_serve.engine.llm import LLM
     from pd_serve.engine.sampling_params import SamplingParams
 
-    config = engine_config_from_args(args)
     llm = LLM(config=config)
     prompts: list[str] | list[list[int]] = args.prompt
     if args.chat:

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pd_serve import cli_config
 from pd_serve.frontend.config import POLICIES, FrontendConfig, FrontendConfigError
 
 
@@ -106,9 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-request-bytes", type=int, default=d.max_request_bytes, help="largest request body"
     )
     parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    cli_config.add_config_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> FrontendConfig:
+    args = cli_config.resolve(args, FrontendConfigError)
     return FrontendConfig(
         host=args.host,
         port=args.port,
@@ -139,10 +142,13 @@ def run(args: argparse.Namespace) -> int:
     from pd_serve.bootstrap.config import BootstrapConfigError
 
     try:
+        args = cli_config.resolve(args, FrontendConfigError)
         config = config_from_args(args)
+        if args.print_config:
+            return cli_config.print_config(args)
         check_port_free(config.host, config.port)
     except (FrontendConfigError, BootstrapConfigError) as exc:
-        print(f"pd-serve frontend: {exc}", file=sys.stderr)
+        print(f"pd-serve frontend: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2
     return serve(config)
 

@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pd_serve import cli_config
 from pd_serve.config import add_engine_arguments
 from pd_serve.frontend.config import POLICIES
 
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_engine_arguments(parser)
     parser.set_defaults(_up_parser=parser)
+    cli_config.add_config_arguments(parser)
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
@@ -241,9 +243,16 @@ class Cluster:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        args = cli_config.resolve(args)
+    except cli_config.ConfigFileError as exc:
+        print(f"pd-serve up: {exc}", file=sys.stderr)
+        return 2
     if args.num_prefill < 0 or args.num_decode < 1:
         print("pd-serve up: --num-decode must be >= 1 and --num-prefill >= 0", file=sys.stderr)
         return 2
+    if args.print_config:
+        return cli_config.print_config(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-serve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pd_serve import cli_config
 from pd_serve.config import ConfigError, EngineConfig, add_engine_arguments, engine_config_from_args
 from pd_serve.server.config import ServerConfig, ServerConfigError
 
@@ -36,7 +37,6 @@ ROLE = "colocated"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServerConfig()
-    parser.add_argument("--config", default=None, help="YAML file of flag values (flags given here win)")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=d.host, help="address to listen on")
     g.add_argument("--port", type=int, default=d.port, help="port to listen on")
@@ -54,33 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     g.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
     add_engine_arguments(parser)
-    parser.set_defaults(_defaults_of=parser)
-
-
-def apply_config_file(args: argparse.Namespace, path: str) -> argparse.Namespace:
-    """Values from a YAML mapping of flag names, for every flag left at its default."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ServerConfigError(f"config (--config): cannot read {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ServerConfigError(f"config (--config): {path} must hold a mapping of flag names to values")
-    parser: argparse.ArgumentParser = args._defaults_of
-    values = vars(args).copy()
-    for key, value in raw.items():
-        dest = str(key).replace("-", "_")
-        if dest.startswith("_") or dest == "config" or dest not in values:
-            raise ServerConfigError(f"config (--config): {path}: {key!r} is not a flag of pd-serve {ROLE}")
-        if values[dest] == parser.get_default(dest):
-            values[dest] = value
-    return argparse.Namespace(**values)
+    cli_config.add_config_arguments(parser)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
-    if args.config:
-        args = apply_config_file(args, args.config)
+    args = cli_config.resolve(args, ServerConfigError)
     engine = engine_config_from_args(args).replace(show_progress=False)
     server = ServerConfig(
         host=args.host,
@@ -102,10 +80,13 @@ def run(args: argparse.Namespace) -> int:
     from pd_serve.bootstrap.config import BootstrapConfigError
 
     try:
+        args = cli_config.resolve(args, ServerConfigError)
         engine, server = configs_from_args(args)
+        if args.print_config:
+            return cli_config.print_config(args)
         check_port_free(server.host, server.port)
     except (ConfigError, ServerConfigError, BootstrapConfigError, TypeError, ValueError) as exc:
-        print(f"pd-serve {ROLE}: {exc}", file=sys.stderr)
+        print(f"pd-serve {ROLE}: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2
     return serve(engine, server)
 

@@ -14,6 +14,7 @@ import sys
 from functools import partial
 from typing import Any
 
+from pd_serve import cli_config
 from pd_serve.config import ConfigError, DisaggConfig, EngineConfig
 from pd_serve.server import cli as node_cli
 from pd_serve.server.config import ServerConfig, ServerConfigError
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds a room may wait for its KV once both sides know it (prefill queueing)")
     g.add_argument("--transfer-token-file", default=None, help="shared secret for transfer handshakes (or $PD_SERVE_TRANSFER_TOKEN)")
     g.add_argument("--reserve-tokens", type=int, default=256, help="decode: tokens of headroom kept per admitted transfer")
+    cli_config.add_config_arguments(parser)
 
 
 def _read_secret(path: str | None, env: str) -> str | None:
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     role = args.command
     try:
+        args = cli_config.resolve(args, ServerConfigError)
         engine, server = node_cli.configs_from_args(args)
         disagg = disagg_config(role, args, server)
         http_url = args.advertise_url or f"http{'s' if server.ssl_certfile else ''}://{server.host}:{server.port}"
@@ -78,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
             http_url=http_url,
             token=_read_secret(args.bootstrap_token_file, "PD_SERVE_BOOTSTRAP_TOKEN"),
         )
+        if args.print_config:
+            return cli_config.print_config(args)
         check_port_free(server.host, server.port)
     except (ConfigError, ServerConfigError, BootstrapConfigError, TransferConfigError, OSError, TypeError, ValueError) as exc:
-        print(f"pd-serve {role}: {exc}", file=sys.stderr)
+        print(f"pd-serve {role}: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2
     if role == "prefill" and not args.bootstrap:
         print(f"pd-serve {role}: no --bootstrap: decode nodes must reach this node by its URL (pd.prefill_url)",
