@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 PEER_LOOKUP_TIMEOUT_S = 5.0
 
 
+class IncompatibleNode(RuntimeError):
+    pass
+
+
+def _layout_difference(mine: dict[str, Any], theirs: dict[str, Any], node_id: str) -> str | None:
+    """The first differing layout field, named, or None when the two nodes can pair."""
+    field = next((k for k in mine if mine[k] != theirs.get(k)), None)
+    if field is None:
+        return None
+    return f"{field} is {theirs.get(field)!r} on node {node_id!r} and {mine[field]!r} here"
+
+
 @dataclass(frozen=True)
 class Registration:
     """How this node appears in the bootstrap registry."""
@@ -59,7 +71,11 @@ class _RoleBackend(ColocatedBackend):
     async def start(self) -> dict[str, Any]:
         self.info = await self.client.start()
         if self.registration.bootstrap_url:
-            await self._register()
+            try:
+                await self._register()
+            except BaseException:
+                await self.client.shutdown()
+                raise
         return self.info
 
     async def shutdown(self) -> None:
@@ -83,9 +99,23 @@ class _RoleBackend(ColocatedBackend):
             layout=KVLayout(**self.info["layout"]),
             capacity=Capacity(total_pages=self.info["num_pages"], max_running_requests=self.info["max_running_requests"]),
         )
+        await self._check_peers()
         self._keeper = NodeKeeper(self._bootstrap, reg.node_id, body, load_fn=self._load)
         await self._keeper.start()
         log.info("registered as %s node %r at %s", self.disagg.role, reg.node_id, reg.bootstrap_url)
+
+    async def _check_peers(self) -> None:
+        """Refuse to join when peers of the other role exist and none can exchange KV with us."""
+        other = "decode" if self.disagg.role == "prefill" else "prefill"
+        peers = (await self._bootstrap.list_nodes(role=other)).nodes
+        problems = [_layout_difference(self.info["layout"], p.layout.model_dump(), p.node_id) for p in peers]
+        if peers and all(problems):
+            raise IncompatibleNode(
+                f"refusing to join as a {self.disagg.role} node: no registered {other} node can exchange KV "
+                f"with this one; {problems[0]} (check --model, --page-size and --dtype)"
+            )
+        for problem in filter(None, problems):
+            log.warning("some %s nodes cannot pair with this one: %s", other, problem)
 
     def _load(self) -> Any:
         from pd_serve.bootstrap.records import Load
@@ -171,10 +201,7 @@ class DecodeBackend(_RoleBackend):
             return None, f"prefill node {pd.prefill!r} is not in the bootstrap registry: {exc}"
         if record.role != "prefill" or not record.transfer:
             return None, f"node {pd.prefill!r} is a {record.role} node, not a prefill node"
-        mine = self.info["layout"]
-        theirs = record.layout.model_dump()
-        field = next((k for k in mine if mine[k] != theirs.get(k)), None)
-        if field is not None:
-            return None, (f"prefill node {pd.prefill!r} has an incompatible KV layout: {field} is "
-                          f"{theirs.get(field)!r} there and {mine[field]!r} here")
+        problem = _layout_difference(self.info["layout"], record.layout.model_dump(), pd.prefill)
+        if problem is not None:
+            return None, f"incompatible KV layout: {problem}"
         return record.transfer[0].address, ""

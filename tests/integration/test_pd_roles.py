@@ -122,6 +122,44 @@ def test_client_disconnect_during_decode_frees_both_nodes(cluster: Cluster) -> N
     _assert_no_leak(cluster.prefill, cluster.decode)
 
 
+def test_shared_prefix_transfers_fewer_pages(cluster: Cluster) -> None:
+    shared = "the prefill node sends a page of keys to the decode node " * 8  # well over 4 pages
+
+    def received() -> tuple[int, int]:
+        s = cluster.decode.server_info()["stats"]
+        return s["kv_pages_received"], s["kv_pages_reused"]
+
+    async def one(prompt: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            p, d = await pd_request(client, cluster.prefill.url, cluster.decode.url, "/v1/completions",
+                                    _body(prompt), cluster.prefill.node_id, cluster.decode.node_id)
+            assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+
+    start = received()
+    asyncio.run(one(shared + "first"))
+    after_first = received()
+    asyncio.run(one(shared + "second"))
+    after_second = received()
+    first = after_first[0] - start[0]
+    second = after_second[0] - after_first[0]
+    assert second < first, (first, second)
+    assert after_second[1] - after_first[1] >= 4  # pages the decode node found in its own cache
+    _assert_no_leak(cluster.prefill, cluster.decode)
+
+
+def test_incompatible_decode_node_is_refused_with_the_field(cluster: Cluster) -> None:
+    node = RoleProcess("decode", cluster.bootstrap.url, [*NODE_ARGS, "--page-size", "8"], wait=False)
+    try:
+        deadline = time.monotonic() + 180
+        while node.popen.poll() is None:
+            assert time.monotonic() < deadline, "an incompatible decode node kept running"
+            time.sleep(0.5)
+        assert node.popen.returncode != 0
+        assert "page_size" in node.log_text()
+    finally:
+        node.stop()
+
+
 def test_pd_errors_are_openai_shaped(cluster: Cluster) -> None:
     with httpx.Client(timeout=30) as client:
         r = client.post(cluster.prefill.url + "/v1/completions", json=_body("hello"))
