@@ -56,7 +56,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pd_serve.bootstrap.config import BootstrapConfig
 from pd_serve.bootstrap.metrics import CONTENT_TYPE, BootstrapMetrics
-from pd_serve.bootstrap.middleware import GuardMiddleware
+from pd_serve.bootstrap.middleware import guard
 from pd_serve.bootstrap.records import (
     NODE_ID_PATTERN,
     HeartbeatBody,
@@ -68,6 +68,7 @@ from pd_serve.bootstrap.records import (
 )
 from pd_serve.bootstrap.registry import Registry
 from pd_serve.bootstrap.store import NodeNotFound, StoreFull
+from pd_serve.http_common import GuardMiddleware
 
 log = logging.getLogger("pd_serve.bootstrap")
 MAX_WAIT_TIMEOUT = 60.0  # seconds: the longest long-poll a caller may ask for
@@ -131,7 +132,7 @@ def create_app(config: BootstrapConfig) -> GuardMiddleware:
     app.add_exception_handler(RequestValidationError, _validation_error)
     _add_node_routes(app, registry)
     _add_query_routes(app, registry)
-    return GuardMiddleware(app, config.auth_token, config.max_body_bytes, metrics)
+    return guard(app, config.auth_token, config.max_body_bytes, metrics)
 
 
 def _add_node_routes(app: FastAPI, registry: Registry) -> None:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpx
@@ -27,12 +25,18 @@ from pd_serve.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from pd_serve.frontend.nodes import NodeSet, watch_bootstrap, watch_static
 from pd_serve.frontend.proxy import ClientGone, Relay, reply, send_checked
 from pd_serve.frontend.router import Router
+from pd_serve.http_common import (
+    BEARER_CHALLENGE,
+    BodyCut,
+    Receive,
+    Scope,
+    Send,
+    StatusRecorder,
+    bearer_ok,
+    read_body,
+)
 
 log = logging.getLogger(__name__)
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 GENERATE = frozenset({"/v1/chat/completions", "/v1/completions"})
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 ROUTES = {
@@ -116,18 +120,11 @@ class FrontendApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
-        status = 500
-
-        async def noted(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noted = StatusRecorder(send)
         try:
             await self._route(path, scope, receive, noted)
         except ClientGone:
-            status = CLIENT_GONE_STATUS
+            noted.status = CLIENT_GONE_STATUS
         except Exception:
             log.exception("unexpected error on %s %s", scope["method"], path)
             with contextlib.suppress(ClientGone):
@@ -138,7 +135,7 @@ class FrontendApp:
                 )
         finally:
             self.metrics.requests.labels(
-                route=path if path in ROUTES else "unrouted", status=str(status)
+                route=path if path in ROUTES else "unrouted", status=str(noted.status)
             ).inc()
 
     async def _route(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -147,16 +144,11 @@ class FrontendApp:
             await reply(send, 404, error_bytes(404, f"no route {path}", code="not_found"))
         elif scope["method"] != method:
             await reply(send, 405, error_bytes(405, f"{path} takes {method}, not {scope['method']}"))
-        elif path not in OPEN_PATHS and not self._authorized(scope):
+        elif path not in OPEN_PATHS and not bearer_ok(scope, self._key):
             message = (
                 "missing or wrong API key: send 'Authorization: Bearer <key>' with the frontend's --api-key"
             )
-            await reply(
-                send,
-                401,
-                error_bytes(401, message, code="invalid_api_key"),
-                ((b"www-authenticate", b"Bearer"),),
-            )
+            await reply(send, 401, error_bytes(401, message, code="invalid_api_key"), BEARER_CHALLENGE)
         elif path in GENERATE:
             await self._generate(path, scope, receive, send)
         elif path == "/health":
@@ -179,17 +171,11 @@ class FrontendApp:
         else:
             await self._flush_cache(send)
 
-    def _authorized(self, scope: Scope) -> bool:
-        if self._key is None:
-            return True
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, given = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self._key)
-        return False
-
     async def _generate(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await self._read_body(receive)
+        try:
+            raw = await read_body(receive, self.config.max_request_bytes)
+        except BodyCut as exc:
+            raise ClientGone(str(exc)) from exc
         if raw is None:
             limit = self.config.max_request_bytes
             await reply(
@@ -221,21 +207,6 @@ class FrontendApp:
                 await gone
         if gone.done() and not gone.cancelled() and work.cancelled():
             raise ClientGone("client disconnected")
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise ClientGone("client disconnected while sending its body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.config.max_request_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     async def _health(self, send: Send) -> None:
         pairs = self.nodes.has_pair()

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +43,10 @@ from pd_serve.frontend.errors import RETRY_AFTER_S, error_bytes, sse_error
 from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import Node, NodeSet
 from pd_serve.frontend.router import Choice, NoPair, Router
+from pd_serve.http_common import Headers, Message, Send
+from pd_serve.http_common import reply as send_reply
 
 log = logging.getLogger(__name__)
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 PREFILL_SETTLE_S = 0.2  # after D failed: how long to wait for P's verdict before blaming D
 _HOP_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"}
@@ -414,14 +415,17 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
         await task
 
 
-async def send_checked(send: Send, message: dict[str, Any]) -> None:
+async def send_checked(send: Send, message: Message) -> None:
     try:
         await send(message)
     except (OSError, RuntimeError) as exc:  # the server's way of saying the client is gone
         raise ClientGone(str(exc)) from exc
 
 
-async def reply(send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
-    await send_checked(send, {"type": "http.response.start", "status": status, "headers": head})
-    await send_checked(send, {"type": "http.response.body", "body": body})
+async def reply(send: Send, status: int, body: bytes, headers: Headers = ()) -> None:
+    """A whole JSON response; ClientGone if the client went away meanwhile."""
+
+    async def checked(message: Message) -> None:
+        await send_checked(send, message)
+
+    await send_reply(checked, status, body, headers)

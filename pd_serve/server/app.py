@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pd_serve.server.errors import APIError, error_body
 from pd_serve.server.formatting import JSONResponse
 from pd_serve.server.metrics import CONTENT_TYPE
-from pd_serve.server.middleware import GuardMiddleware
+from pd_serve.server.middleware import guard
 from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, param_from_location
 from pd_serve.server.serving import OpenAIServing
 from pd_serve.server.state import DRAIN_SIGNAL, NodeState
@@ -50,7 +50,7 @@ def create_app(state: NodeState) -> Any:
     _add_error_handlers(app)
     _add_openai_routes(app, state, serving)
     _add_admin_routes(app, state)
-    return GuardMiddleware(app, state.config.api_key, state.config.max_request_bytes, state.metrics)
+    return guard(app, state.config.api_key, state.config.max_request_bytes, state.metrics)
 
 
 _DRAINS: set[asyncio.Task[None]] = set()
