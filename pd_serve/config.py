@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pd_serve.transfer.config import TransferConfig
+if TYPE_CHECKING:  # the transfer package imports torch; flags and --help must not
+    from pd_serve.transfer.config import TransferConfig
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
