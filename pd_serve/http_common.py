@@ -5,6 +5,8 @@ each service gives it its own refusal bodies, open paths and counting hook. The 
 from (`bearer_ok`, `read_body`, `reply`, `StatusRecorder`) also serve the frontend's own router.
 Pure ASGI (no BaseHTTPMiddleware), so streams and long-polls are neither buffered nor detached from
 client disconnects. Tokens are compared in constant time and never appear in a response or a log.
+`error_body` is the OpenAI error shape that the node and the frontend answer with (bootstrap has its
+own `{"detail": str}`).
 This module must never import another pd_serve package: `bootstrap` depends on it.
 """
 
@@ -23,6 +25,15 @@ Headers = Sequence[tuple[bytes, bytes]]
 RequestCounter = Callable[[str, str, str], None]  # (method, route template or "unrouted", status)
 
 BEARER_CHALLENGE: Headers = ((b"www-authenticate", b"Bearer"),)
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
 
 
 class BodyCut(Exception):
@@ -101,6 +112,15 @@ class GuardMiddleware:
             await reply(send, 413, self._too_large)
             return
         await self.app(scope, _replay(body, receive), send)
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}`; the type follows `status` unless `kind` is given."""
+    if kind is None:
+        kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def bearer_ok(scope: Scope, token: bytes | None) -> bool:

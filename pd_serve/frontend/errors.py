@@ -1,37 +1,23 @@
 """OpenAI-shaped error bodies the frontend itself produces: `{"error": {message, type, param, code}}`.
 
-The same shape as the node's `pd_serve/server/errors.py` (kept separate so that the frontend does not
-import the node package); errors relayed from a node pass through unchanged. Never a stack trace.
+The shape is `pd_serve.http_common.error_body`, the node's too; only the frontend's 502 and 504 (a
+node failed it) are typed "upstream_error". Errors relayed from a node pass through unchanged. Never
+a stack trace.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-    504: "upstream_error",
-}
+from pd_serve.http_common import error_body
+
 RETRY_AFTER_S = "1"
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+_UPSTREAM_STATUSES = frozenset({502, 504})
 
 
 def error_bytes(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
-    return orjson.dumps(error_body(status, message, param, code))
+    kind = "upstream_error" if status in _UPSTREAM_STATUSES else None
+    return orjson.dumps(error_body(status, message, param, code, kind))
 
 
 def sse_error(status: int, message: str, code: str | None = None) -> bytes:

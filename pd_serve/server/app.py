@@ -21,7 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pd_serve.server.errors import APIError, error_body
+from pd_serve.http_common import error_body
+from pd_serve.server.errors import APIError
 from pd_serve.server.formatting import JSONResponse
 from pd_serve.server.metrics import CONTENT_TYPE
 from pd_serve.server.middleware import guard

@@ -1,23 +1,15 @@
 """OpenAI-shaped API errors: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
 
 Every failure a client can cause is an `APIError` raised where it is found; the app turns it (and
-FastAPI's validation and routing errors) into a JSON body of this shape. Nothing here ever puts a
-stack trace in a response.
+FastAPI's validation and routing errors) into a JSON body of this shape (`http_common.error_body`,
+shared with the frontend). Nothing here ever puts a stack trace in a response.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    500: "internal_server_error",
-    503: "service_unavailable",
-}
+from pd_serve.http_common import error_body
 
 
 class APIError(Exception):
@@ -40,11 +32,6 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.code)
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def bad_request(param: str | None, message: str, code: str | None = "invalid_value") -> APIError:

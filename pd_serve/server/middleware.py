@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import orjson
 
-from pd_serve.http_common import ASGIApp, GuardMiddleware
-from pd_serve.server.errors import error_body
+from pd_serve.http_common import ASGIApp, GuardMiddleware, error_body
 from pd_serve.server.metrics import NodeMetrics
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
