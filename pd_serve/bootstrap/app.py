@@ -55,7 +55,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from pd_serve.bootstrap.config import BootstrapConfig
-from pd_serve.bootstrap.metrics import CONTENT_TYPE, BootstrapMetrics
+from pd_serve.bootstrap.metrics import BootstrapMetrics
 from pd_serve.bootstrap.middleware import guard
 from pd_serve.bootstrap.records import (
     NODE_ID_PATTERN,
@@ -69,6 +69,7 @@ from pd_serve.bootstrap.records import (
 from pd_serve.bootstrap.registry import Registry
 from pd_serve.bootstrap.store import NodeNotFound, StoreFull
 from pd_serve.http_common import GuardMiddleware
+from pd_serve.metrics_common import CONTENT_TYPE
 
 log = logging.getLogger("pd_serve.bootstrap")
 MAX_WAIT_TIMEOUT = 60.0  # seconds: the longest long-poll a caller may ask for

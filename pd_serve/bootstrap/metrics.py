@@ -1,6 +1,5 @@
 """Prometheus metrics of one bootstrap replica, in a registry of its own.
 
-A registry per app (not the process-global one) lets several apps live in one process, as in tests.
 Counters are per replica; the node gauge is read from the store at scrape time, so with Redis every
 replica reports the shared view.
 """
@@ -10,18 +9,17 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import Counter, Gauge, generate_latest
 
 from pd_serve.bootstrap.records import ROLES, NodeRecord
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+from pd_serve.metrics_common import new_registry
 
 
 class BootstrapMetrics:
     """Nodes by role, registrations, expiries and request counts."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = new_registry()
         self.nodes = Gauge("pd_bootstrap_nodes", "Live nodes by role", ["role"], registry=self.registry)
         self.registrations = Counter(
             "pd_bootstrap_registrations",

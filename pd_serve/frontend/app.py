@@ -21,7 +21,7 @@ import orjson
 
 from pd_serve.frontend.config import FrontendConfig
 from pd_serve.frontend.errors import RETRY_AFTER_S, error_bytes
-from pd_serve.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import NodeSet, watch_bootstrap, watch_static
 from pd_serve.frontend.proxy import ClientGone, Relay, reply, send_checked
 from pd_serve.frontend.router import Router
@@ -35,6 +35,7 @@ from pd_serve.http_common import (
     bearer_ok,
     read_body,
 )
+from pd_serve.metrics_common import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 GENERATE = frozenset({"/v1/chat/completions", "/v1/completions"})

@@ -8,25 +8,15 @@ relayed stream chunks, the handoff gap the time between the first and the second
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
 from pd_serve.frontend.nodes import NodeSet
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+from pd_serve.metrics_common import ITL_BUCKETS, LATENCY_BUCKETS, new_registry
 
 
 class FrontendMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry = new_registry()
         self.requests = Counter(
             "pd_frontend_requests", "Client requests by route and status", ["route", "status"], registry=r
         )
@@ -57,25 +47,25 @@ class FrontendMetrics:
         self.ttft = Histogram(
             "pd_frontend_time_to_first_token_seconds",
             "Arrival to first byte relayed",
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             "pd_frontend_inter_chunk_latency_seconds",
             "Gap between relayed stream chunks",
-            buckets=_ITL_BUCKETS,
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.handoff = Histogram(
             "pd_frontend_handoff_gap_seconds",
             "First to second relayed stream chunk",
-            buckets=_ITL_BUCKETS,
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "pd_frontend_e2e_request_latency_seconds",
             "Arrival to last byte relayed",
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
 

@@ -22,9 +22,9 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pd_serve.http_common import error_body
+from pd_serve.metrics_common import CONTENT_TYPE
 from pd_serve.server.errors import APIError
 from pd_serve.server.formatting import JSONResponse
-from pd_serve.server.metrics import CONTENT_TYPE
 from pd_serve.server.middleware import guard
 from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, param_from_location
 from pd_serve.server.serving import OpenAIServing

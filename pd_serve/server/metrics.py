@@ -7,36 +7,26 @@ scrape time, so they are never older than the scrape.
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
 from pd_serve.engine.messages import EngineStats
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+from pd_serve.metrics_common import ITL_BUCKETS, LATENCY_BUCKETS, new_registry
 
 
 class NodeMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry = new_registry()
         self.requests = Counter(
             "pd_node_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.ttft = Histogram(
-            "pd_node_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+            "pd_node_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r
         )
         self.itl = Histogram(
-            "pd_node_inter_token_latency_seconds", "Time between output tokens", buckets=_ITL_BUCKETS, registry=r
+            "pd_node_inter_token_latency_seconds", "Time between output tokens", buckets=ITL_BUCKETS, registry=r
         )
         self.e2e = Histogram(
-            "pd_node_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+            "pd_node_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r
         )
         self.prompt_tokens = Counter("pd_node_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("pd_node_generation_tokens", "Generated tokens", registry=r)
@@ -62,10 +52,10 @@ class NodeMetrics:
         self.transfer_counters = Gauge("pd_node_transfer_engine", "The transfer engine's counters (bytes, "
                                        "dropped messages, failures)", ["counter"], registry=r)
         self.handoff = Histogram("pd_node_kv_handoff_seconds", "Decode node: arrival to first token committed "
-                                 "(waiting for the prefill node and the KV transfer)", buckets=_LATENCY_BUCKETS,
+                                 "(waiting for the prefill node and the KV transfer)", buckets=LATENCY_BUCKETS,
                                  registry=r)
         self.prefill_phase = Histogram("pd_node_prefill_phase_seconds", "Prefill node: time per phase of a room",
-                                       ["phase"], buckets=_LATENCY_BUCKETS, registry=r)
+                                       ["phase"], buckets=LATENCY_BUCKETS, registry=r)
         self.room_failures = Counter("pd_node_transfer_room_failures", "Failed rooms by reason (first words)",
                                      ["reason"], registry=r)
 
