@@ -1,7 +1,9 @@
 """Frozen configuration dataclasses, one per role, and the CLI flags that build them.
 
 Configs are validated in `__post_init__` and never mutated afterwards; derived values are
-properties. Errors name the offending field and the flag that sets it.
+properties. Errors name the offending field and the flag that sets it; `require` is the one check
+every role's config (bootstrap, server, frontend) raises them with. Standard library only at runtime:
+`pd-serve --help` imports this module.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and its flag."""
 
 
-def _require(cond: bool, field: str, message: str) -> None:
+def require(cond: bool, field: str, message: str, error: type[ConfigError] = ConfigError) -> None:
+    """Raise `error` naming `field` and its flag (`--field-name`) unless `cond` holds."""
     if not cond:
         flag = "--" + field.replace("_", "-")
-        raise ConfigError(f"{field} ({flag}): {message}")
+        raise error(f"{field} ({flag}): {message}")
 
 
 @dataclass(frozen=True)
@@ -45,25 +48,25 @@ class EngineConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.dtype in _DTYPES, "dtype", f"{self.dtype!r} is not one of {', '.join(_DTYPES)}")
-        _require(
+        require(self.dtype in _DTYPES, "dtype", f"{self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        require(
             self.device == "cpu" or self.device.startswith("cuda"),
             "device",
             f"{self.device!r} is not 'cpu', 'cuda' or 'cuda:N'",
         )
-        _require(1 <= self.page_size <= 1024, "page_size", f"{self.page_size} is outside 1..1024")
+        require(1 <= self.page_size <= 1024, "page_size", f"{self.page_size} is outside 1..1024")
         if self.max_total_tokens is not None:
-            _require(
+            require(
                 self.max_total_tokens >= self.page_size,
                 "max_total_tokens",
                 f"{self.max_total_tokens} is less than one page ({self.page_size} tokens)",
             )
-        _require(self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
+        require(self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
         if self.max_model_len is not None:
-            _require(self.max_model_len >= 1, "max_model_len", "must be at least 1")
-        _require(self.max_running_requests >= 1, "max_running_requests", "must be at least 1")
-        _require(self.chunked_prefill_size >= 1, "chunked_prefill_size", "must be at least 1")
-        _require(
+            require(self.max_model_len >= 1, "max_model_len", "must be at least 1")
+        require(self.max_running_requests >= 1, "max_running_requests", "must be at least 1")
+        require(self.chunked_prefill_size >= 1, "chunked_prefill_size", "must be at least 1")
+        require(
             self.attention_backend in ("auto", "torch", "triton"),
             "attention_backend",
             f"{self.attention_backend!r} is not one of auto, torch, triton",
@@ -85,9 +88,9 @@ class DisaggConfig:
     page_wait_timeout: float = 300.0  # decode: how long a request may wait for pages before it fails
 
     def __post_init__(self) -> None:
-        _require(self.role in ("prefill", "decode"), "role", f"{self.role!r} is not prefill or decode")
-        _require(self.reserve_tokens >= 0, "reserve_tokens", "must be >= 0")
-        _require(self.page_wait_timeout > 0, "page_wait_timeout", "must be positive")
+        require(self.role in ("prefill", "decode"), "role", f"{self.role!r} is not prefill or decode")
+        require(self.reserve_tokens >= 0, "reserve_tokens", "must be >= 0")
+        require(self.page_wait_timeout > 0, "page_wait_timeout", "must be positive")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,26 +2,28 @@
 
 `BootstrapConfig` is validated in `__post_init__` and never mutated; errors name the field and the
 flag that sets it. The token is kept out of `repr()` so that logging a config never leaks it.
-This module imports only the standard library: `pd-serve --help` loads it.
+This module imports only the standard library and `pd_serve.config` (for `require`): `pd-serve --help`
+loads it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+
+from pd_serve.config import ConfigError, require
 
 TOKEN_ENV = "PD_SERVE_BOOTSTRAP_TOKEN"
 _STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-class BootstrapConfigError(ValueError):
+class BootstrapConfigError(ConfigError):
     """A bootstrap configuration value is invalid; the message names the field and its flag."""
 
 
-def _require(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise BootstrapConfigError(f"{name} (--{name.replace('_', '-')}): {message}")
+_require = partial(require, error=BootstrapConfigError)
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,25 @@
 """Frozen configuration of the frontend (`FrontendConfig`), validated in `__post_init__`.
 
 Errors name the field and the flag that sets it. The API keys are kept out of `repr()`. Standard
-library only: `pd-serve --help` imports this module.
+library and `pd_serve.config` (for `require`) only: `pd-serve --help` imports this module.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
+
+from pd_serve.config import ConfigError, require
 
 POLICIES = ("round_robin", "least_load", "power_of_two", "prefix_aware")
 
 
-class FrontendConfigError(ValueError):
+class FrontendConfigError(ConfigError):
     """A frontend configuration value is invalid; the message names the field and its flag."""
 
 
-def _require(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise FrontendConfigError(f"{name} (--{name.replace('_', '-')}): {message}")
+_require = partial(require, error=FrontendConfigError)
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,24 @@
 """Frozen configuration of a node's HTTP server (`ServerConfig`), the companion of `EngineConfig`.
 
 Validated in `__post_init__`, never mutated; errors name the field and the flag that sets it. The
-API key is kept out of `repr()` so that logging a config never leaks it. Standard library only:
-`pd-serve --help` imports this module.
+API key is kept out of `repr()` so that logging a config never leaks it. Standard library and
+`pd_serve.config` (for `require`) only: `pd-serve --help` imports this module.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
+
+from pd_serve.config import ConfigError, require
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(ConfigError):
     """A server configuration value is invalid; the message names the field and its flag."""
 
 
-def _require(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise ServerConfigError(f"{name} (--{name.replace('_', '-')}): {message}")
+_require = partial(require, error=ServerConfigError)
 
 
 @dataclass(frozen=True)
