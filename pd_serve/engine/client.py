@@ -2,8 +2,9 @@
 
 `EngineClient.start()` spawns the engine process and waits for it to report ready (or fail);
 `generate()` yields a request's `RequestDelta`s until the finished one and aborts the request in
-the engine if the consumer stops early; `alive` is false once the process died or its heartbeat is
-older than `dead_after_s`. When the engine dies, every open request gets a finished delta with an
+the engine if the consumer stops early; `alive` is false once the process died (seen within 0.2 s) or
+its heartbeat is older than `dead_after_s` (a loop stuck in one step; long enough that a slow step on
+a loaded machine is not mistaken for a dead loop). When the engine dies, every open request gets a finished delta with an
 error, so no caller waits forever.
 """
 
@@ -30,7 +31,7 @@ class EngineStartError(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, config: EngineConfig, dead_after_s: float = 2.0, disagg: DisaggConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig, dead_after_s: float = 30.0, disagg: DisaggConfig | None = None) -> None:
         self.config = config
         self.disagg = disagg
         self.addrs = EngineAddresses.fresh()
