@@ -1,16 +1,16 @@
-"""Helpers for the frontend tests: a `pd-serve frontend` child process, metric parsing, process waits.
+"""Helpers for the frontend tests: a `pd-serve frontend` child process, metric parsing, process trees.
 
 Not a conftest (that file belongs to everyone); test modules import it by name. The nodes behind a
 frontend are real `pd-serve prefill`/`decode` processes (`pd_cluster.RoleProcess`); nothing here
-stands in for one of our components. Every wait has a deadline.
+stands in for one of our components. Every wait has a deadline. Waits and /proc checks
+(`wait_until`, `pid_alive`) are in `server_helpers`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +96,6 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (from /proc), children first."""
     children: dict[int, list[int]] = {}
@@ -122,11 +113,3 @@ def descendants(pid: int) -> list[int]:
         out.append(child)
         todo.extend(children.get(child, []))
     return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

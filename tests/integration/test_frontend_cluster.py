@@ -26,8 +26,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from frontend_helpers import FrontendProcess, metric_value, wait_until
+from frontend_helpers import FrontendProcess, metric_value
 from pd_cluster import RoleProcess
+from server_helpers import wait_until
 
 from pd_serve.bootstrap.process import BootstrapProcess, ChildProcess
 

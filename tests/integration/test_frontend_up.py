@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from frontend_helpers import descendants, pid_alive, wait_until
-from server_helpers import NodeProcess
+from frontend_helpers import descendants
+from server_helpers import NodeProcess, pid_alive, wait_until
 
 from pd_serve.bootstrap.process import free_port
 from pd_serve.cli import SUBCOMMANDS

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from frontend_helpers import pid_alive
+from server_helpers import pid_alive
 
 from pd_serve.bootstrap.process import ChildProcess, free_port
 
