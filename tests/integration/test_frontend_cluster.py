@@ -220,7 +220,7 @@ def test_models_nodes_and_flush_cache(cluster: FrontendCluster) -> None:
 
 
 def test_requests_spread_over_both_pairs(cluster: FrontendCluster) -> None:
-    bodies = [_chat(f"question {i} about the page table") for i in range(8)]
+    bodies = [_chat(f"question {i} about the page table") for i in range(40)]
     before = cluster.frontend.metrics()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda b: _post(cluster.frontend.url, b), bodies))
