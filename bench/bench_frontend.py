@@ -4,7 +4,7 @@ request sent by this script straight to the same prefill and decode pair (with `
 A 1P1D cluster (tcp transfer, prefix caching off so that no request is helped by an earlier one)
 runs behind one frontend. Requests alternate between the two paths, each with a prompt of its own,
 one at a time; the frontend path is measured over HTTP/1.1 and over HTTP/2 (h2c). TTFT is the time
-from sending the request to the first SSE chunk with text. Prints JSON: p50 and p99 of each path
+from sending the request to the first SSE chunk that carries a token. Prints JSON: p50 and p99 of each path
 and of the per-pair differences (frontend minus the direct request next to it).
 
     python bench/bench_frontend.py [--num-requests 60] [--out bench/results/frontend/cpu.json]
@@ -37,23 +37,25 @@ def _body(i: int, pd: dict[str, Any] | None = None) -> dict[str, Any]:
     return body
 
 
-def _has_text(line: str) -> bool:
+def _has_token(line: str) -> bool:
+    """An SSE chunk that carries the first token (its text may be empty: a partial UTF-8 character)."""
     if not line.startswith("data: ") or line == "data: [DONE]":
         return False
-    return any(c.get("text") for c in json.loads(line[6:])["choices"])
+    return bool(json.loads(line[6:])["choices"])
 
 
 async def _ttft(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> float:
     start = time.perf_counter()
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if _has_text(line):
+        lines = r.aiter_lines()
+        async for line in lines:
+            if _has_token(line):
                 ttft = time.perf_counter() - start
-                async for _ in r.aiter_lines():  # drain: the request ends cleanly
+                async for _ in lines:  # drain: the request ends cleanly
                     pass
                 return ttft
-    raise RuntimeError(f"{url}: the stream ended without text")
+    raise RuntimeError(f"{url}: the stream ended without a token")
 
 
 async def _direct(client: httpx.AsyncClient, prefill: str, decode: str, i: int) -> float:
