@@ -12,7 +12,7 @@ context length and cut into groups of `DECODE_GROUP`, each group's pages are gat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,11 @@ DECODE_GROUP = 16  # sequences padded together; small groups waste little on pad
 
 @dataclass
 class DecodeGroup:
-    rows: torch.Tensor  # [b] int64, positions of these sequences among the decode tokens
+    start: int  # this group's sequences are order[start:end] (see DecodePlan)
+    end: int
     pages: torch.Tensor  # [b * n] int64, each sequence's first n page ids, row by row
     num_pages: int  # n
-    mask: torch.Tensor  # [b, 1, 1, n * page_size] bool, True where the context has a token
+    mask: torch.Tensor  # [b, 1, 1, n * page_size] float32: 0 where the context has a token, -inf past it
 
 
 @dataclass
@@ -40,10 +41,16 @@ class AttentionMetadata:
     extend_page_table: torch.Tensor  # [num_extend, max_pages] int32
     extend_query_start: torch.Tensor  # [num_extend + 1] int32, offsets after the decode tokens
     extend_context_lens: torch.Tensor  # [num_extend] int32
-    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    decode_plan: DecodePlan | None = None  # the CPU path's grouping (None on the kernel path)
 
 
-def plan_decode(page_tables: list[list[int]], context_lens: list[int], page_size: int, device: torch.device) -> list[DecodeGroup]:
+@dataclass
+class DecodePlan:
+    order: torch.Tensor  # [num_decode] int64: decode sequences sorted by context length
+    groups: list[DecodeGroup]
+
+
+def plan_decode(page_tables: list[list[int]], context_lens: list[int], page_size: int, device: torch.device) -> DecodePlan:
     order = sorted(range(len(context_lens)), key=context_lens.__getitem__)
     groups = []
     for start in range(0, len(order), DECODE_GROUP):
@@ -51,14 +58,17 @@ def plan_decode(page_tables: list[list[int]], context_lens: list[int], page_size
         n = -(-context_lens[rows[-1]] // page_size)
         pages = [p for r in rows for p in page_tables[r][:n] + [0] * (n - len(page_tables[r][:n]))]
         lens = torch.tensor([context_lens[r] for r in rows], device=device)
-        mask = torch.arange(n * page_size, device=device)[None, :] < lens[:, None]
+        past = torch.arange(n * page_size, device=device)[None, :] >= lens[:, None]
+        # additive and built once per step: a bool mask would be converted by SDPA in every layer
+        mask = torch.zeros(past.shape, device=device).masked_fill_(past, float("-inf"))
         groups.append(DecodeGroup(
-            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            start=start,
+            end=start + len(rows),
             pages=torch.tensor(pages, dtype=torch.long, device=device),
             num_pages=n,
             mask=mask[:, None, None, :],
         ))
-    return groups
+    return DecodePlan(torch.tensor(order, dtype=torch.long, device=device), groups)
 
 
 class PagedAttention:
@@ -129,14 +139,25 @@ class PagedAttention:
         return out
 
     def _decode(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, out: torch.Tensor) -> None:
-        """q [b, H, D] -> out [b, H, D], one planned group at a time."""
+        """q [b, H, D] -> out [b, H, D], one planned group at a time.
+
+        The query heads that share a KV head are passed to SDPA as that head's query positions
+        ([b, kv_heads, group, D]): one query token each, all seeing the same context, so no GQA
+        expansion of K and V is needed."""
         _, page_size, kv_heads, head_dim = kp.shape
+        num_heads = q.shape[1]
+        group = num_heads // kv_heads
+        plan = self.meta.decode_plan
+        assert plan is not None
         k_flat, v_flat = kp.view(kp.shape[0], -1), vp.view(vp.shape[0], -1)
-        for g in self.meta.decode_groups:
-            b = g.rows.shape[0]
+        q_sorted = q.index_select(0, plan.order)
+        out_sorted = torch.empty_like(q_sorted)
+        for g in plan.groups:
+            b = g.end - g.start
             length = g.num_pages * page_size
             k = k_flat.index_select(0, g.pages).view(b, length, kv_heads, head_dim).transpose(1, 2)
             v = v_flat.index_select(0, g.pages).view(b, length, kv_heads, head_dim).transpose(1, 2)
-            qg = q.index_select(0, g.rows)[:, :, None, :]
-            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=self.scale, enable_gqa=True)
-            out.index_copy_(0, g.rows, o[:, :, 0, :])
+            qg = q_sorted[g.start : g.end].view(b, kv_heads, group, head_dim)
+            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=self.scale)
+            out_sorted[g.start : g.end] = o.reshape(b, num_heads, head_dim)
+        out.index_copy_(0, plan.order, out_sorted)

@@ -26,6 +26,7 @@ from typing import Any
 
 from pd_serve.engine.request import Request
 from pd_serve.engine.scheduler import Scheduler
+from pd_serve.transfer.config import RoomState
 
 
 def prompt_hash(token_ids: list[int]) -> str:
@@ -96,6 +97,7 @@ class PrefillSide:
             state = r.handle.poll()
             if state.terminal:  # failed (a success cannot come before we sent)
                 del self.waiting[rid]
+                self.rooms_failed += 1
                 events.append(Failed(r.request, r.aborted or r.handle.failure_reason or f"room {r.handle.room} {state}"))
                 continue
             dest = r.handle.destination()
@@ -105,18 +107,25 @@ class PrefillSide:
             mismatch = self._check(r.request, dest)
             if mismatch is not None:
                 r.handle.abort(mismatch)
+                self.rooms_failed += 1
                 events.append(Failed(r.request, mismatch))
                 continue
             r.times["destination"] = time.monotonic()
             self.scheduler.add(r.request)
             self.computing[rid] = r
+        for rid, r in list(self.computing.items()):
+            if r.handle.poll() is RoomState.FAILED:  # the decode side gave up: stop computing for it
+                del self.computing[rid]
+                self.scheduler.abort(rid)
+                self.rooms_failed += 1
+                events.append(Failed(r.request, r.handle.failure_reason or "transfer failed"))
         for rid, r in list(self.sending.items()):
             state = r.handle.poll()
             if not state.terminal:
                 continue
             del self.sending[rid]
             self.scheduler.pages.release(r.pages)
-            if r.aborted is not None or state.name == "FAILED":
+            if r.aborted is not None or state is RoomState.FAILED:
                 self.rooms_failed += 1
                 events.append(Failed(r.request, r.aborted or r.handle.failure_reason or "transfer failed"))
             else:
@@ -194,7 +203,7 @@ class DecodeSide:
             if not state.terminal:
                 continue
             del self.receiving[rid]
-            if state.name == "SUCCESS" and r.aborted is None:
+            if state is RoomState.SUCCESS and r.aborted is None:
                 req = r.request
                 req.page_ids = r.cached + r.pages
                 req.num_computed_tokens = req.num_prompt_tokens

@@ -103,7 +103,7 @@ class ModelRunner:
             extend_page_table=self._page_table(ext),
             extend_query_start=self._int32(starts),
             extend_context_lens=self._int32([c.start + c.num_tokens for c in ext]),
-            decode_groups=[] if self.kernel_backend else plan_decode(
+            decode_plan=None if self.kernel_backend else plan_decode(
                 [c.request.page_ids for c in dec], decode_lens, self.page_size, self.device
             ),
         )

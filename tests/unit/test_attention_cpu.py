@@ -47,7 +47,7 @@ def test_mixed_decode_and_extend_batch_matches_reference(page_size: int, heads: 
         extend_page_table=table(extend),
         extend_query_start=torch.tensor(starts, dtype=torch.int32),
         extend_context_lens=torch.tensor([sum(seqs[r]) for r in extend], dtype=torch.int32),
-        decode_groups=plan_decode([tables[r] for r in decode], dec_lens, page_size, torch.device("cpu")),
+        decode_plan=plan_decode([tables[r] for r in decode], dec_lens, page_size, torch.device("cpu")),
     )
     kp2, vp2 = kp.clone(), vp.clone()
     out = PagedAttention([kp], [vp], meta, 0.2).forward(0, q.clone(), k, v)
