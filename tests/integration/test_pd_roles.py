@@ -175,10 +175,11 @@ def _kill(node: RoleProcess) -> None:
     node.popen.wait(timeout=10)
 
 
-def test_greedy_outputs_equal_colocated_over_ucx(colocated: NodeProcess) -> None:
-    c = Cluster([*NODE_ARGS, "--transfer-backend", "ucx"])
+@pytest.mark.parametrize("backend", ["ucx", "cma"])
+def test_greedy_outputs_equal_colocated_over_other_backends(backend: str, colocated: NodeProcess) -> None:
+    c = Cluster([*NODE_ARGS, "--transfer-backend", backend])
     try:
-        assert c.prefill.server_info()["transfer_backend"] == "ucx"
+        assert c.prefill.server_info()["transfer_backend"] == backend
         _check_equal_outputs(c, colocated)
     finally:
         c.stop()
