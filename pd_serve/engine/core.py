@@ -193,7 +193,7 @@ class EngineCore:
         for chunk, token, lp in zip(out.sampled, out.result.token_ids, out.result.logprobs):
             req = chunk.request
             if self.prefill_side is not None and self.prefill_side.owns(req.request_id):
-                self.prefill_side.first_token(req, token, _logprobs_wire(token, lp))
+                self.prefill_side.first_token(req, token, _logprobs_wire(lp))
                 req.output_token_ids.append(token)
                 continue
             reason, stop_reason = self._append(req, token)
@@ -340,7 +340,7 @@ class EngineCore:
             self.scheduler.pages.release(pages)
 
 
-def _logprobs_wire(token: int, lp: TokenLogprobs | None) -> list[Any] | None:
+def _logprobs_wire(lp: TokenLogprobs | None) -> list[Any] | None:
     """The first token's logprobs as they travel in the transfer's completion message."""
     return None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
 
