@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
+    ap.add_argument("--page-size", type=int, default=16, help="KV page size (the engine default, 16)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
@@ -81,13 +82,14 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
     items = sharegpt_like(args.num_requests, vocab, seed=args.seed)
     options = {"max_running_requests": args.max_running_requests, "chunked_prefill_size": args.chunked_prefill_size,
-               "max_total_tokens": 1 << 18}
+               "max_total_tokens": 1 << 18, "page_size": args.page_size}
     result: dict[str, object] = {
         "model": args.model,
         "num_requests": len(items),
         "prompt_tokens": sum(len(it.prompt_token_ids) for it in items),
         "requested_output_tokens": sum(it.output_len for it in items),
         "torch_threads": torch.get_num_threads(),
+        "engine_options": options,
         "engine": run_engine(args.model, items, options),
     }
     if not args.skip_transformers:

@@ -46,7 +46,7 @@ def _llm(path: Path, **options: object) -> LLM:
     return LLM(model=str(path), show_progress=False, dtype="float32", **options)
 
 
-@pytest.mark.parametrize("page_size", [1, 16, 7])
+@pytest.mark.parametrize("page_size", [1, 16, 7, 32])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_batch_matches_transformers(arch: str, page_size: int, model_dirs, hf_reference) -> None:
     prompts, expected = hf_reference[arch]
