@@ -180,3 +180,28 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replayed
+
+
+def granian_server(
+    target: str, host: str, port: int, log_level: str, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+) -> Any:
+    """The Granian server every service runs: one ASGI worker, HTTP/1.1 and HTTP/2 on one port (h2c
+    on plain TCP, ALPN h2 with TLS), no access log. Granian is imported here, not at module scope."""
+    from pathlib import Path
+
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+
+    return Granian(
+        target,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        http=HTTPModes.auto,
+        ssl_cert=Path(ssl_certfile) if ssl_certfile else None,
+        ssl_key=Path(ssl_keyfile) if ssl_keyfile else None,
+        log_level=LogLevels(log_level),
+        log_access=False,
+    )

@@ -80,22 +80,11 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(config: BootstrapConfig) -> None:
     """Serve until SIGINT/SIGTERM; one Granian worker (the memory store is per process)."""
-    from granian import Granian
-    from granian.constants import Interfaces
-    from granian.log import LogLevels
-
     from pd_serve.bootstrap.app import create_app
+    from pd_serve.http_common import granian_server
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    server = Granian(
-        "pd_serve.bootstrap.app:create_app",
-        address=config.host,
-        port=config.port,
-        interface=Interfaces.ASGI,
-        workers=1,
-        log_level=LogLevels(config.log_level),
-        log_access=False,
-    )
+    server = granian_server("pd_serve.bootstrap.app:create_app", config.host, config.port, config.log_level)
     server.serve(target_loader=partial(create_app, config), wrap_loader=False)

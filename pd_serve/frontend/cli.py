@@ -15,7 +15,6 @@ import argparse
 import logging
 import sys
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from pd_serve import cli_config
@@ -170,22 +169,10 @@ def _logging(config: FrontendConfig) -> None:
 
 def serve(config: FrontendConfig) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
-    from granian import Granian
-    from granian.constants import HTTPModes, Interfaces
-    from granian.log import LogLevels
+    from pd_serve.http_common import granian_server
 
     _logging(config)
-    granian = Granian(
-        "pd_serve.frontend.app:create_app",
-        address=config.host,
-        port=config.port,
-        interface=Interfaces.ASGI,
-        workers=1,
-        http=HTTPModes.auto,
-        ssl_cert=Path(config.ssl_certfile) if config.ssl_certfile else None,
-        ssl_key=Path(config.ssl_keyfile) if config.ssl_keyfile else None,
-        log_level=LogLevels(config.log_level),
-        log_access=False,
-    )
+    granian = granian_server("pd_serve.frontend.app:create_app", config.host, config.port, config.log_level,
+                             config.ssl_certfile, config.ssl_keyfile)
     granian.serve(target_loader=partial(build_app, config), wrap_loader=False)
     return 0

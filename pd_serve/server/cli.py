@@ -25,7 +25,6 @@ import logging
 import sys
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from pd_serve import cli_config
@@ -104,23 +103,11 @@ def build_app(engine: EngineConfig, server: ServerConfig) -> Any:
 def serve(engine: EngineConfig, server: ServerConfig, target_loader: Callable[[], Any] | None = None) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code. `target_loader` builds the app in the
     worker (default: the colocated node's); the prefill and decode roles pass their own."""
-    from granian import Granian
-    from granian.constants import HTTPModes, Interfaces
-    from granian.log import LogLevels
+    from pd_serve.http_common import granian_server
 
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    granian = Granian(
-        "pd_serve.server.app:create_app",
-        address=server.host,
-        port=server.port,
-        interface=Interfaces.ASGI,
-        workers=1,
-        http=HTTPModes.auto,
-        ssl_cert=Path(server.ssl_certfile) if server.ssl_certfile else None,
-        ssl_key=Path(server.ssl_keyfile) if server.ssl_keyfile else None,
-        log_level=LogLevels(server.log_level),
-        log_access=False,
-    )
+    granian = granian_server("pd_serve.server.app:create_app", server.host, server.port, server.log_level,
+                             server.ssl_certfile, server.ssl_keyfile)
     _drain_before_stop(granian)
     granian.serve(target_loader=target_loader or partial(build_app, engine, server), wrap_loader=False)
     return 0
