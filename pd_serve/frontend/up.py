@@ -5,7 +5,9 @@ signal reaches its Granian worker and engine too) with its log in `--log-dir`, a
 process (PR_SET_PDEATHSIG) should `up` itself be killed. `up` waits until the frontend's /health is
 200, naming the child that failed (with the tail of its log) if one exits or the wait times out,
 prints the URL and a curl example, and watches: SIGINT/SIGTERM, or the frontend or bootstrap exiting,
-stop every child (SIGTERM to each process group, SIGKILL after `--grace` seconds). `--colocated`
+stop every child (SIGTERM to each process group, SIGKILL after `--grace` seconds); with `--restart` an
+exited child is started again on its port instead. `cluster.json` in the log directory names each
+child's pid, URL and argv (rewritten on every start). `--colocated`
 runs one `pd-serve colocated` node behind the frontend instead (no bootstrap, no prefill nodes).
 
 Only argparse-level imports at module scope (`pd-serve --help` loads this).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -66,6 +69,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ARG",
         help="an extra argument for pd-serve frontend (repeat; e.g. --frontend-arg=--max-retries=3)",
     )
+    g.add_argument(
+        "--node-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra argument for every prefill/decode/colocated node (repeat; e.g. --node-arg=--transfer-timeout=5)",
+    )
+    g.add_argument(
+        "--bootstrap-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra argument for pd-serve bootstrap (repeat; e.g. --bootstrap-arg=--store=redis://127.0.0.1:6379/0)",
+    )
+    g.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart a child that exits (same port and arguments) instead of stopping the cluster",
+    )
     add_engine_arguments(parser)
     parser.set_defaults(_up_parser=parser)
     cli_config.add_config_arguments(parser)
@@ -107,7 +129,7 @@ class Child:
     def __init__(self, name: str, argv: list[str], url: str, log_dir: Path) -> None:
         self.name, self.argv, self.url = name, argv, url
         self.log_path = log_dir / f"{name}.log"
-        with open(self.log_path, "wb") as log_file:
+        with open(self.log_path, "ab") as log_file:  # a restarted child appends
             self.popen = subprocess.Popen(
                 argv,
                 stdout=log_file,
@@ -154,18 +176,42 @@ class Cluster:
         argv = [sys.executable, "-m", "pd_serve.cli", role, "--port", str(port), *extra]
         child = Child(name, argv, f"http://127.0.0.1:{port}", self.log_dir)
         self.children.append(child)
+        self.write_manifest()
         return child
+
+    def write_manifest(self) -> None:
+        """`cluster.json` in the log directory: each child's name, pid (its process group), URL and
+        argv, rewritten on every (re)start, so tools and tests can find and signal one child."""
+        children = [
+            {"name": c.name, "pid": c.popen.pid, "url": c.url, "argv": c.argv, "log": str(c.log_path)}
+            for c in self.children
+        ]
+        tmp = self.log_dir / "cluster.json.tmp"
+        tmp.write_text(json.dumps({"up_pid": os.getpid(), "children": children}, indent=1))
+        tmp.replace(self.log_dir / "cluster.json")
+
+    def restart(self, child: Child) -> None:
+        """Start `child` again with the same argv (so the same port), in place of the exited one."""
+        fresh = Child(child.name, child.argv, child.url, self.log_dir)
+        self.children[self.children.index(child)] = fresh
+        if child is self.bootstrap:
+            self.bootstrap = fresh
+        if child is self.frontend:
+            self.frontend = fresh
+        self.write_manifest()
 
     def start(self) -> str:
         """Start every child and wait until the frontend is healthy; returns the frontend URL."""
         a = self.args
-        node_args = ["--host", "127.0.0.1", "--model", a.model, *engine_flags(a)]
+        node_args = ["--host", "127.0.0.1", "--model", a.model, *engine_flags(a), *a.node_arg]
         if a.colocated:
             node = self._start("colocated-0", "colocated", free_port(), node_args)
             self._wait([node])
             nodes_flag = ["--decode", node.url]
         else:
-            self.bootstrap = self._start("bootstrap", "bootstrap", free_port(), ["--host", "127.0.0.1"])
+            self.bootstrap = self._start(
+                "bootstrap", "bootstrap", free_port(), ["--host", "127.0.0.1", *a.bootstrap_arg]
+            )
             self._wait([self.bootstrap])
             role_args = [*node_args, "--bootstrap", self.bootstrap.url]
             if a.transfer_backend:
@@ -211,20 +257,25 @@ class Cluster:
                 self.stop_event.wait(READY_POLL_S)
 
     def watch(self) -> int:
-        """Until a signal (0), or the frontend or bootstrap exits (1); a node exiting is reported."""
-        reported: set[str] = set()
+        """Until a signal (0), or the frontend or bootstrap exits (1); a node exiting is reported
+        (and, with --restart, any exited child is started again instead)."""
+        reported: set[Child] = set()
         while not self.stop_event.wait(0.5):
-            for child in self.children:
+            for child in list(self.children):
                 code = child.exited()
-                if code is None or child.name in reported:
+                if code is None or child in reported:
                     continue
-                reported.add(child.name)
+                reported.add(child)
                 print(
                     f"pd-serve up: {child.name} exited with {code}; log {child.log_path}:\n{child.log_tail(1500)}",
                     file=sys.stderr,
                     flush=True,
                 )
-                if child in (self.frontend, self.bootstrap):
+                if self.args.restart:
+                    child.signal(signal.SIGKILL)  # what is left of its process group
+                    print(f"pd-serve up: restarting {child.name}", file=sys.stderr, flush=True)
+                    self.restart(child)
+                elif child in (self.frontend, self.bootstrap):
                     return 1
         return 0
 
