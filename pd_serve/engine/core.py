@@ -306,6 +306,7 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
             steps=self.steps,
             num_in_transfer=self.num_in_transfer,
+            num_requests=len(self._requests),
             **self._transfer_stats(),
         )
 

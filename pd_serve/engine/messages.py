@@ -101,6 +101,7 @@ class EngineStats:
     num_preemptions: int
     steps: int
     num_in_transfer: int = 0  # requests waiting on or moving KV through a room
+    num_requests: int = 0  # requests the engine holds in any phase (0 when idle)
     rooms_succeeded: int = 0
     rooms_failed: int = 0
     kv_pages_sent: int = 0  # prefill node

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pd_serve.engine.messages import EngineStats
 from pd_serve.http_common import error_body
 from pd_serve.metrics_common import CONTENT_TYPE
 from pd_serve.server.errors import APIError
@@ -95,6 +96,7 @@ def _add_admin_routes(app: FastAPI, state: NodeState) -> None:
     async def metrics() -> Response:
         stats = await state.backend.stats() if state.backend.alive else None
         state.metrics.update_engine(stats, state.backend.alive)
+        state.metrics.update_node(state.admission.in_flight, state.open_streams)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/server_info")
@@ -122,6 +124,7 @@ def _add_admin_routes(app: FastAPI, state: NodeState) -> None:
             "stats": asdict(stats),
             "in_flight": state.admission.in_flight,
             "admission_limit": state.admission.limit,
+            "idle": idle_counters(state, stats),
         }
 
     @app.post("/flush_cache")
@@ -151,6 +154,25 @@ def _add_admin_routes(app: FastAPI, state: NodeState) -> None:
         except RuntimeError as exc:
             raise APIError(400, str(exc), code="profile_state") from exc
         return {"status": "stopped", "trace": trace}
+
+
+def idle_counters(state: NodeState, stats: EngineStats) -> dict[str, int]:
+    """What must be back at its idle value once the node has nothing to do (the no-leak check):
+    free pages equal to total pages (cached pages count as free), every other value 0."""
+    transfer = stats.transfer
+    return {
+        "pages_total": stats.num_total_pages,
+        "pages_free": stats.num_free_pages,
+        "engine_requests": stats.num_requests,
+        "running": stats.num_running,
+        "waiting": stats.num_waiting,
+        "rooms": stats.num_in_transfer,
+        "transfer_live_senders": transfer.get("live_senders", 0),
+        "transfer_live_receivers": transfer.get("live_receivers", 0),
+        "transfer_pending_room_requests": transfer.get("pending_room_requests", 0),
+        "http_in_flight": state.admission.in_flight,
+        "open_streams": state.open_streams,
+    }
 
 
 def _require_alive(state: NodeState) -> None:

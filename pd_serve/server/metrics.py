@@ -42,6 +42,13 @@ class NodeMetrics:
         self.prefix_hit_rate = Gauge(
             "pd_node_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / tokens looked up", registry=r
         )
+        self.engine_requests = Gauge(
+            "pd_node_engine_requests", "Requests the engine holds in any phase (0 when idle)", registry=r
+        )
+        self.in_flight = Gauge(
+            "pd_node_requests_in_flight", "Engine requests admitted by the API process, not yet finished", registry=r
+        )
+        self.open_streams = Gauge("pd_node_open_streams", "SSE streams open to clients", registry=r)
         self.preemptions = Gauge("pd_node_preemptions", "Preemptions since the engine started", registry=r)
         self.engine_alive = Gauge("pd_node_engine_alive", "1 while the engine loop is alive", registry=r)
         # disaggregation (prefill and decode nodes; zero on a colocated node)
@@ -73,6 +80,7 @@ class NodeMetrics:
         queried = stats.prefix_cache_queried_tokens
         self.prefix_hit_rate.set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
         self.preemptions.set(stats.num_preemptions)
+        self.engine_requests.set(stats.num_requests)
         self.rooms.labels(state="live").set(stats.num_in_transfer)
         self.rooms.labels(state="succeeded").set(stats.rooms_succeeded)
         self.rooms.labels(state="failed").set(stats.rooms_failed)
@@ -81,6 +89,10 @@ class NodeMetrics:
         self.kv_pages.labels(kind="reused").set(stats.kv_pages_reused)
         for name, value in stats.transfer.items():
             self.transfer_counters.labels(counter=name).set(value)
+
+    def update_node(self, in_flight: int, open_streams: int) -> None:
+        self.in_flight.set(in_flight)
+        self.open_streams.set(open_streams)
 
     def room_failed(self, reason: str) -> None:
         self.room_failures.labels(reason=" ".join(reason.split()[:3])[:40]).inc()

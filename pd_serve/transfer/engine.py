@@ -174,5 +174,9 @@ class TransferEngine:
         return getattr(self._node, name)
 
     def stats(self) -> dict[str, int]:
-        """Counters (dropped_messages, failed_rooms, sent_bytes, ...); a snapshot, may lag."""
-        return dict(self._node.stats) if self._node is not None else {}
+        """Counters (dropped_messages, failed_rooms, sent_bytes, ...) and the live room gauges
+        (live_senders, live_receivers, pending_room_requests: 0 when idle); a snapshot, may lag."""
+        node = self._node
+        if node is None:
+            return {}
+        return {**node.stats, **node.gauges()}

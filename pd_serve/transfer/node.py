@@ -259,6 +259,14 @@ class Node(SendPath, ReceivePath):
 
     # ---- both sides ------------------------------------------------------------------------
 
+    def gauges(self) -> dict[str, int]:
+        """Live rooms and early room requests (read from the scheduler thread: plain len() calls)."""
+        return {
+            "live_senders": len(self.senders),
+            "live_receivers": len(self.receivers),
+            "pending_room_requests": len(self.pending),
+        }
+
     def drop(self, msg: Message) -> None:
         """A message for an unknown or finished room: counted, never applied."""
         self.stats["dropped_messages"] += 1
