@@ -25,6 +25,8 @@ from pd_serve.engine import messages as m
 from pd_serve.engine.process import EngineAddresses, run_engine
 from pd_serve.engine.sampling_params import SamplingParams
 
+STATS_TIMEOUT_S = 10.0  # a first step (lazy torch init) on a loaded 2-core machine took > 2 s
+
 
 class EngineStartError(RuntimeError):
     pass
@@ -132,8 +134,9 @@ class EngineClient:
         with contextlib.suppress(zmq.ZMQError):
             await self._in.send(m.encode(m.AbortRequest(request_id)))
 
-    async def stats(self, timeout: float = 2.0) -> m.EngineStats:
-        """Fresh statistics from the engine loop (raises TimeoutError if it does not answer)."""
+    async def stats(self, timeout: float = STATS_TIMEOUT_S) -> m.EngineStats:
+        """Fresh statistics from the engine loop (raises TimeoutError if it does not answer): the
+        loop answers between steps, and one step of a loaded 2-core machine can take seconds."""
         before = self._last_beat
         await self._in.send(m.encode(m.GetStats()))
         deadline = time.monotonic() + timeout
