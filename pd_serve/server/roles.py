@@ -31,6 +31,7 @@ from pd_serve.server.schemas import PDSpec
 
 log = logging.getLogger(__name__)
 PEER_LOOKUP_TIMEOUT_S = 5.0
+CONNECT_FAILURE = "cannot connect to "  # the transfer engine's reason (transfer/receiving.py)
 
 
 class IncompatibleNode(RuntimeError):
@@ -177,6 +178,8 @@ class DecodeBackend(_RoleBackend):
                 return
             spec = m.PDSpec(pd.room, endpoint)
         async for delta in self.client.generate(request_id, prompt_ids, params, pd=spec):
+            if pd is not None and delta.error and delta.error.startswith(CONNECT_FAILURE) and self._peers:
+                self._peers.invalidate(pd.prefill)  # a restarted prefill node listens on a new port
             yield delta
 
     async def _peer_endpoint(self, pd: PDSpec) -> tuple[str | None, str]:
