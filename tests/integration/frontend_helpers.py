@@ -1,24 +1,145 @@
-"""Helpers for the frontend tests: a `pd-serve frontend` child process, metric parsing, process trees.
+"""Helpers for the frontend tests: `pd-serve up` and `pd-serve frontend` child processes, the openai
+client's greedy text, metric parsing, process trees.
 
 Not a conftest (that file belongs to everyone); test modules import it by name. The nodes behind a
-frontend are real `pd-serve prefill`/`decode` processes (`pd_cluster.RoleProcess`); nothing here
-stands in for one of our components. Every wait has a deadline. Waits and /proc checks
+frontend are real `pd-serve prefill`/`decode` processes started by `pd-serve up` (`UpProcess`);
+nothing here stands in for one of our components. Every wait has a deadline. Waits and /proc checks
 (`wait_until`, `pid_alive`) are in `server_helpers`.
+
+The cluster token: `up` makes one for its children unless its environment has one. `UpProcess`
+gives it one of its own (`cluster_env`) so that a frontend a test starts beside the cluster
+(`FrontendProcess(env=up.env)`) may send pd requests to the cluster's nodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
+from server_helpers import parent_pid
 
 from pd_serve.bootstrap.process import ChildProcess, free_port
 
 START_TIMEOUT = 120.0
+UP_READY_TIMEOUT = 400.0
+CLUSTER_TOKEN_ENV = "PD_SERVE_CLUSTER_TOKEN"  # read by every role; `up` passes its own on to its children
+
+
+def cluster_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", CLUSTER_TOKEN_ENV: secrets.token_urlsafe(24)}
+
+
+class UpProcess:
+    """`python -m pd_serve.cli up --port P --api-key KEY ARGS...` in a session of its own.
+
+    `wait_ready()` waits for its ready line; `stop()` SIGTERMs it (the test of a clean stop),
+    `kill()` SIGKILLs its whole tree (cleanup, safe to call twice) and removes its logs.
+    """
+
+    def __init__(self, args: Sequence[str], api_key: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = cluster_env()
+        self.log = Path(tempfile.mkstemp(prefix="pd-serve-up-test-", suffix=".log")[1])
+        self.log_dir = tempfile.mkdtemp(prefix="pd-serve-up-test-logs-")
+        argv = [
+            sys.executable,
+            "-m",
+            "pd_serve.cli",
+            "up",
+            "--port",
+            str(self.port),
+            "--api-key",
+            api_key,
+            "--grace",
+            "10",
+            "--log-dir",
+            self.log_dir,
+            *args,
+        ]
+        with open(self.log, "wb") as out:
+            self.popen = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + UP_READY_TIMEOUT
+        while "ready at" not in self.output():
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                out = self.output()[-4000:] + "".join(
+                    f"\n--- {p.name}:\n{p.read_text(errors='replace')[-1500:]}"
+                    for p in Path(self.log_dir).glob("*.log")
+                )
+                self.kill()
+                raise AssertionError(f"pd-serve up did not get ready:\n{out}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def child_pid(self, name: str) -> int:
+        """The pid of the child `up` started as `name` (`prefill-0`, `frontend`...), from the process tree."""
+        role, _, index = name.rpartition("-")
+        for pid in descendants(self.popen.pid):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if parent_pid(pid) != self.popen.pid:
+                    continue
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if role.encode() in argv and (not index or f"{role}-{index}".encode() in argv):
+                    return pid
+        raise AssertionError(f"no child {name} under pd-serve up ({self.popen.pid})")
+
+    def kill(self) -> None:
+        for pid in descendants(self.popen.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+        self.log.unlink(missing_ok=True)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def ready_line_matches(self, layout: str) -> bool:
+        return re.search(rf"ready at {re.escape(self.url)} \({re.escape(layout)}", self.output()) is not None
+
+
+def greedy_chat(client: openai.OpenAI, content: str, stream: bool, max_tokens: int = 12) -> str:
+    """The text of a greedy chat completion through the official client, streamed or not."""
+    args: dict[str, Any] = dict(
+        model="demo",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body={"ignore_eos": True},
+    )
+    if not stream:
+        return client.chat.completions.create(**args).choices[0].message.content or ""
+    return "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stream=True, **args)
+        if c.choices
+    )
 
 
 def _healthy(url: str) -> bool:
@@ -41,6 +162,7 @@ class FrontendProcess(ChildProcess):
         wait_healthy: bool = True,
         cert: tuple[Path, Path] | None = None,
         wait: bool = True,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.wait_healthy = wait_healthy
         self.port = free_port()
@@ -61,7 +183,7 @@ class FrontendProcess(ChildProcess):
         ]
         if cert:
             argv += ["--ssl-certfile", str(cert[0]), "--ssl-keyfile", str(cert[1])]
-        super().__init__(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        super().__init__(argv, env=env or {**os.environ, "PYTHONUNBUFFERED": "1"})
         if wait:
             self.wait()
 

@@ -1,24 +1,23 @@
-"""`pd-serve frontend` in front of real nodes: a bootstrap, 2 `pd-serve prefill` and 2 `pd-serve decode`
-processes with the demo model, over tcp transfers.
+"""`pd-serve up --num-prefill 2 --num-decode 2` (demo model, tcp transfers) driven through its frontend.
 
-Covered: the openai client (streamed and not, greedy text equal to a decode node serving the request
-alone), HTTP/2 with prior knowledge and HTTP/1.1, auth and OpenAI-shaped errors, /v1/models, /nodes
-and /flush_cache, spreading over both pairs (the x-pd-prefill/x-pd-decode headers), a client that
-disconnects mid-stream, static mode (the decode node finds its peer through `pd.prefill_url`), a
-decode node with another page size that must never be paired, and kill -9 of a prefill node (retry on
-the other pair, its breaker opens, it leaves after the bootstrap TTL). After each scenario that moves
-KV, the live nodes must be idle with every page free.
-
-Everything starts at once for the module (nodes, then three frontends: the bootstrap-fed one, a static
-one and a static one whose only pair is incompatible). The kill -9 test changes the cluster: it is last.
+Beside the cluster, for the module: one `pd-serve colocated` node (the greedy reference), and one
+decode node with another page size behind a static frontend of its own with prefill-1, a pair that
+must never be formed. Covered: the openai client (chat, streamed and not, over HTTP/2 too) equal to
+colocated, 40 requests spread over both pairs (per-node counts from the frontend's /metrics), /nodes
+and /flush_cache, a client that disconnects mid-stream, 503 when no compatible pair exists, and
+kill -9 of prefill-0 while requests arrive: every request that had not started streaming succeeds
+through the other pair, and prefill-0 leaves the node set. After each scenario that moves KV the
+live nodes must be idle with every page free. The kill test changes the cluster and is followed by
+SIGTERM of `up`: nothing of its tree may be left, the killed child included.
+1P1D, the API key and the 4xx bodies, and static pairs are test_frontend_up.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,12 +25,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from frontend_helpers import FrontendProcess, metric_value
+from frontend_helpers import FrontendProcess, UpProcess, descendants, greedy_chat, metric_value
 from pd_cluster import RoleProcess
-from server_helpers import wait_until
+from server_helpers import NodeProcess, pid_alive, wait_until
 
-from pd_serve.bootstrap.process import BootstrapProcess, ChildProcess
+from pd_serve.cli import SUBCOMMANDS
 
+pytestmark = pytest.mark.skipif(
+    "decode" not in SUBCOMMANDS, reason="pd-serve prefill/decode are not registered in pd_serve/cli.py yet"
+)
 KEY = "frontend-key"
 HDRS = {"Authorization": f"Bearer {KEY}"}
 NODE_TTL = 5.0  # bootstrap --node-ttl: how long a killed node stays listed
@@ -40,283 +42,288 @@ NODE_ARGS = [
     "2048",
     "--chunked-prefill-size",
     "64",
-    "--transfer-backend",
-    "tcp",
     "--transfer-timeout",
     "5",
     "--transfer-bootstrap-timeout",
     "5",
 ]
-GREEDY = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+UP_ARGS = [
+    "--num-prefill",
+    "2",
+    "--num-decode",
+    "2",
+    "--transfer-backend",
+    "tcp",
+    *(f"--node-arg={a}" for a in NODE_ARGS),
+    f"--bootstrap-arg=--node-ttl={NODE_TTL}",
+    *(
+        f"--frontend-arg={a}"
+        for a in ("--breaker-failures=1", "--breaker-cooldown=60", "--probe-interval=0.5")
+    ),
+]
+PREFILLS, DECODES = ("prefill-0", "prefill-1"), ("decode-0", "decode-1")
 
 
-def _chat(content: str, **extra: Any) -> dict[str, Any]:
-    return {"model": "demo", "messages": [{"role": "user", "content": content}], **GREEDY, **extra}
-
-
-class FrontendCluster:
+class Cluster:
     def __init__(self) -> None:
-        self.children: list[ChildProcess] = []
+        self.up = UpProcess(UP_ARGS, KEY)
+        self.others: list[Any] = []
         try:
-            self.bootstrap = self._add(BootstrapProcess(args=["--node-ttl", str(NODE_TTL)]))
-            boot = self.bootstrap.url
-            self.prefills = [self._add(RoleProcess("prefill", boot, NODE_ARGS, wait=False)) for _ in range(2)]
-            self.decodes = [self._add(RoleProcess("decode", boot, NODE_ARGS, wait=False)) for _ in range(2)]
             # not registered: a node refuses to join a bootstrap whose peers it cannot pair with
-            self.odd = self._add(RoleProcess("decode", None, [*NODE_ARGS, "--page-size", "32"], wait=False))
-            p0, p1, d0 = self.prefills[0].url, self.prefills[1].url, self.decodes[0].url
-            self.frontend = self._add(
-                FrontendProcess(
-                    [
-                        "--bootstrap",
-                        boot,
-                        "--api-key",
-                        KEY,
-                        "--policy",
-                        "round_robin",
-                        "--breaker-failures",
-                        "1",
-                        "--breaker-cooldown",
-                        "60",
-                        "--probe-interval",
-                        "0.5",
-                    ],
-                    wait=False,
-                )
+            self.odd = RoleProcess(
+                "decode", None, [*NODE_ARGS, "--transfer-backend", "tcp", "--page-size", "32"], wait=False
             )
-            self.static = self._add(
-                FrontendProcess(["--prefill", p0, "--decode", d0, "--probe-interval", "0.5"], wait=False)
+            self.others.append(self.odd)
+            self.colocated = NodeProcess()
+            self.others.append(self.colocated)
+            self.up.wait_ready()
+            self.odd.wait()
+            self.urls = {n["node_id"]: n["url"] for n in self.nodes()}
+            self.unpaired = FrontendProcess(
+                ["--prefill", self.urls["prefill-1"], "--decode", self.odd.url, "--probe-interval", "0.5"],
+                wait_healthy=False,
+                env=self.up.env,
             )
-            self.unpaired = self._add(
-                FrontendProcess(
-                    ["--prefill", p1, "--decode", self.odd.url, "--probe-interval", "0.5"],
-                    wait_healthy=False,
-                    wait=False,
-                )
-            )
-            for node in (*self.prefills, *self.decodes, self.odd):
-                node.wait()
-            for front in (self.frontend, self.static, self.unpaired):
-                front.wait()
-            wait_until(lambda: len(self.frontend.nodes(KEY)) == 4, 30, "the frontend sees all four nodes")
+            self.others.append(self.unpaired)
         except BaseException:
             self.stop()
             raise
 
-    def _add(self, child: Any) -> Any:
-        self.children.append(child)
-        return child
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(httpx.get(f"{self.up.url}/nodes", headers=HDRS, timeout=30).json()["nodes"])
 
-    def node(self, node_id: str) -> RoleProcess:
-        return next(n for n in (*self.prefills, *self.decodes) if n.node_id == node_id)
+    def metrics(self) -> str:
+        return httpx.get(f"{self.up.url}/metrics", timeout=30).text
 
     def stop(self) -> None:
-        for child in reversed(self.children):
+        for child in reversed(self.others):
             child.stop(graceful=False)
+        self.up.kill()
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[FrontendCluster]:
-    c = FrontendCluster()
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
     yield c
     c.stop()
 
 
 @pytest.fixture(scope="module")
-def client(cluster: FrontendCluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{cluster.frontend.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+def client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.up.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def _alone(node: RoleProcess, body: dict[str, Any]) -> str:
-    """The text a decode node gives for `body` served alone (no `pd`: it prefills locally)."""
-    r = httpx.post(f"{node.url}/v1/chat/completions", json={**body, "stream": False}, timeout=120)
-    assert r.status_code == 200, r.text
-    return str(r.json()["choices"][0]["message"]["content"])
+def _chat(content: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "demo",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
 def _post(url: str, body: dict[str, Any], headers: dict[str, str] = HDRS) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
 
 
-def _assert_no_leak(*nodes: RoleProcess, timeout: float = 30.0) -> None:
+def _text(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def _get(url: str) -> Any:
+    r = httpx.get(url, timeout=10)
+    r.raise_for_status()
+    return r.json() if r.headers["content-type"].startswith("application/json") else r.text
+
+
+def _assert_no_leak(cluster: Cluster, *node_ids: str, timeout: float = 30.0) -> None:
     """Each node goes idle (nothing running, waiting, in transfer or in flight) with every page free."""
-    for node in nodes:
+    for node_id in node_ids:
         deadline = time.monotonic() + timeout
         while True:
-            info = node.server_info()
+            info = _get(f"{cluster.urls[node_id]}/server_info")
             s = info["stats"]
             busy = s["num_running"] or s["num_waiting"] or s["num_in_transfer"] or info["in_flight"]
             if not busy and info["pages"]["free"] == info["pages"]["total"]:
                 break
-            assert time.monotonic() < deadline, f"{node.node_id} not idle: {s}, pages {info['pages']}"
+            assert time.monotonic() < deadline, f"{node_id} not idle: {s}, pages {info['pages']}"
             time.sleep(0.1)
 
 
-def _node_metric(node: RoleProcess, name: str, **labels: str) -> float:
-    return metric_value(httpx.get(f"{node.url}/metrics", timeout=10).text, name, **labels)
+def test_openai_client_chat_streamed_and_not_equals_colocated(
+    cluster: Cluster, client: openai.OpenAI
+) -> None:
+    direct = openai.OpenAI(base_url=f"{cluster.colocated.url}/v1", api_key="none", max_retries=0, timeout=120)
+    for stream in (False, True):
+        assert greedy_chat(client, "tell me about pages", stream) == greedy_chat(
+            direct, "tell me about pages", stream
+        )
+    with httpx.Client(http1=False, http2=True, headers=HDRS, timeout=120) as c:
+        r = c.post(f"{cluster.up.url}/v1/chat/completions", json=_chat("which protocol", stream=True))
+    assert r.status_code == 200 and r.http_version == "HTTP/2" and r.text.endswith("data: [DONE]\n\n"), r.text
+    _assert_no_leak(cluster, *PREFILLS, *DECODES)
 
 
-def test_openai_client_chat_streamed_and_not(cluster: FrontendCluster, client: openai.OpenAI) -> None:
-    body = _chat("tell me about pages")
-    want = _alone(cluster.decodes[1], body)
-    assert want
-    kw = {k: v for k, v in body.items() if k != "ignore_eos"}
-    whole = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
-    assert whole.choices[0].message.content == want
-    chunks = client.chat.completions.create(**kw, stream=True, extra_body={"ignore_eos": True})
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
-    done = client.completions.create(model="demo", prompt="abc", max_tokens=3, temperature=0)
-    direct = httpx.post(
-        f"{cluster.decodes[0].url}/v1/completions",
-        json={"model": "demo", "prompt": "abc", "max_tokens": 3, "temperature": 0},
-        timeout=120,
-    )
-    assert done.choices[0].text == direct.json()["choices"][0]["text"]
-    _assert_no_leak(*cluster.prefills, *cluster.decodes)
-
-
-def test_http2_prior_knowledge_and_http1(cluster: FrontendCluster) -> None:
-    for http1, http2, version in ((False, True, "HTTP/2"), (True, False, "HTTP/1.1")):
-        with httpx.Client(http1=http1, http2=http2, headers=HDRS, timeout=120) as c:
-            r = c.post(
-                f"{cluster.frontend.url}/v1/chat/completions", json=_chat("which protocol", stream=True)
-            )
-            assert r.status_code == 200 and r.http_version == version, r.text
-            assert r.text.endswith("data: [DONE]\n\n")
-    _assert_no_leak(*cluster.prefills, *cluster.decodes)
-
-
-def test_auth_and_openai_shaped_errors(cluster: FrontendCluster) -> None:
-    url = cluster.frontend.url
-    r = _post(url, _chat("no key"), headers={})
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers=HDRS, timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    r = _post(url, {**_chat("client pd"), "pd": {"room": 1}})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "pd"
-    r = httpx.get(f"{url}/v1/chat/completions", headers=HDRS, timeout=30)
-    assert r.status_code == 405 and "error" in r.json()
-    r = httpx.get(f"{url}/nope", headers=HDRS, timeout=30)
-    assert r.status_code == 404 and "error" in r.json()
-    # a node's own validation error comes back as it is (a client error: not retried)
-    retries = metric_value(cluster.frontend.metrics(), "pd_frontend_retries_total")
-    r = _post(url, _chat("bad", max_tokens=-1))
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
-    assert metric_value(cluster.frontend.metrics(), "pd_frontend_retries_total") == retries
-    assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # open routes need no key
-    assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
-    _assert_no_leak(*cluster.prefills, *cluster.decodes)
-
-
-def test_models_nodes_and_flush_cache(cluster: FrontendCluster) -> None:
-    url = cluster.frontend.url
-    assert httpx.get(f"{url}/v1/models", headers=HDRS, timeout=30).json()["data"][0]["id"] == "demo"
-    nodes = {n["node_id"]: n for n in cluster.frontend.nodes(KEY)}
-    assert set(nodes) == {n.node_id for n in (*cluster.prefills, *cluster.decodes)}
+def test_nodes_and_flush_cache(cluster: Cluster) -> None:
+    nodes = {n["node_id"]: n for n in cluster.nodes()}
+    assert set(nodes) == {*PREFILLS, *DECODES}
     assert all(n["breaker"] == "closed" and n["layout"]["page_size"] == 16 for n in nodes.values())
-    flushed = httpx.post(f"{url}/flush_cache", headers=HDRS, timeout=30)
+    flushed = httpx.post(f"{cluster.up.url}/flush_cache", headers=HDRS, timeout=30)
     assert flushed.status_code == 200 and set(flushed.json()["nodes"]) == set(nodes)
     assert all(answer["status"] == 200 for answer in flushed.json()["nodes"].values()), flushed.text
 
 
-def test_requests_spread_over_both_pairs(cluster: FrontendCluster) -> None:
+def test_requests_spread_over_both_pairs(cluster: Cluster) -> None:
     bodies = [_chat(f"question {i} about the page table") for i in range(40)]
-    before = cluster.frontend.metrics()
+    before = cluster.metrics()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda b: _post(cluster.frontend.url, b), bodies))
-        want = list(pool.map(lambda b: _alone(cluster.decodes[0], b), bodies))
-    for r, text in zip(got, want):
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"] == text
-    assert {r.headers["x-pd-prefill"] for r in got} == {n.node_id for n in cluster.prefills}
-    assert {r.headers["x-pd-decode"] for r in got} == {n.node_id for n in cluster.decodes}
-    after = cluster.frontend.metrics()
-    for name, labels in (
-        ("pd_frontend_requests_total", {"route": "/v1/chat/completions", "status": "200"}),
-        ("pd_frontend_time_to_first_token_seconds_count", {}),
-    ):
-        assert metric_value(after, name, **labels) - metric_value(before, name, **labels) >= len(bodies), name
-    for node in (*cluster.prefills, *cluster.decodes):  # each node really served some of them
-        assert _node_metric(node, "pd_node_requests_total", route="/v1/chat/completions", status="200") >= 1
-    _assert_no_leak(*cluster.prefills, *cluster.decodes)
+        got = list(pool.map(lambda b: _post(cluster.up.url, b), bodies))
+        want = list(pool.map(lambda b: _post(cluster.colocated.url, b, headers={}), bodies))
+    assert [_text(r) for r in got] == [_text(r) for r in want]
+    after = cluster.metrics()
+
+    def sent(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    for node_id in (*PREFILLS, *DECODES):  # round robin: each node of both pairs took its share
+        assert sent("pd_frontend_node_requests_total", node=node_id) >= 10, node_id
+    assert sent("pd_frontend_node_requests_total", role="prefill") == len(bodies)
+    assert sent("pd_frontend_requests_total", route="/v1/chat/completions", status="200") == len(bodies)
+    _assert_no_leak(cluster, *PREFILLS, *DECODES)
 
 
-def test_client_disconnect_mid_stream_frees_both_nodes(cluster: FrontendCluster) -> None:
+def test_client_disconnect_mid_stream_frees_both_nodes(cluster: Cluster) -> None:
     max_tokens = 1500
     body = _chat("keep talking", max_tokens=max_tokens, stream=True)
-    before = {n.node_id: _node_metric(n, "pd_node_generation_tokens_total") for n in cluster.decodes}
+
+    def generated(node_id: str) -> float:
+        return metric_value(_get(f"{cluster.urls[node_id]}/metrics"), "pd_node_generation_tokens_total")
+
+    before = {d: generated(d) for d in DECODES}
     with (
         httpx.Client(headers=HDRS, timeout=120) as c,
-        c.stream("POST", f"{cluster.frontend.url}/v1/chat/completions", json=body) as r,
+        c.stream("POST", f"{cluster.up.url}/v1/chat/completions", json=body) as r,
     ):
         assert r.status_code == 200
-        prefill, decode = cluster.node(r.headers["x-pd-prefill"]), cluster.node(r.headers["x-pd-decode"])
+        prefill, decode = r.headers["x-pd-prefill"], r.headers["x-pd-decode"]
         events = 0
         for line in r.iter_lines():
             events += line.startswith("data: ")
             if events == 3:
                 break
-    _assert_no_leak(prefill, decode)
-    generated = _node_metric(decode, "pd_node_generation_tokens_total") - before[decode.node_id]
-    assert generated < max_tokens, "the decode node ran the request to its end: the disconnect was lost"
-    wait_until(
-        lambda: all(n["active"] == 0 for n in cluster.frontend.nodes(KEY)), 20, "frontend load back to 0"
+    _assert_no_leak(cluster, prefill, decode)
+    assert generated(decode) - before[decode] < max_tokens, (
+        "the decode node ran to the end: the disconnect was lost"
     )
+    wait_until(lambda: all(n["active"] == 0 for n in cluster.nodes()), 20, "frontend load back to 0")
 
 
-def test_static_mode_sends_prefill_url(cluster: FrontendCluster) -> None:
-    p, d = cluster.prefills[0], cluster.decodes[0]
-    body = _chat("static pairs")
-    r = _post(cluster.static.url, body, headers={})
-    # node ids are URLs here, unknown to bootstrap: the decode node found its peer through pd.prefill_url
-    assert r.status_code == 200, r.text
-    assert r.headers["x-pd-prefill"] == p.url and r.headers["x-pd-decode"] == d.url
-    assert r.json()["choices"][0]["message"]["content"] == _alone(cluster.decodes[1], body)
-    _assert_no_leak(p, d)
-
-
-def test_incompatible_pair_is_refused(cluster: FrontendCluster) -> None:
+def test_no_compatible_pair_is_503_with_a_message(cluster: Cluster) -> None:
     front, odd = cluster.unpaired, cluster.odd
     assert odd.server_info()["layout"]["page_size"] == 32
     wait_until(lambda: sum(n["layout"] is not None for n in front.nodes()) == 2, 30, "static nodes probed")
     assert httpx.get(f"{front.url}/health", timeout=30).status_code == 503
-    sent_to_prefill = _node_metric(
-        cluster.prefills[1], "pd_node_requests_total", route="/v1/chat/completions"
-    )
+    prefill_1 = cluster.urls["prefill-1"]
+    sent = metric_value(_get(f"{prefill_1}/metrics"), "pd_node_requests_total", route="/v1/chat/completions")
     r = _post(front.url, _chat("never paired"), headers={})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    assert "compatible" in r.json()["error"]["message"]
-    assert _node_metric(odd, "pd_node_requests_total", route="/v1/chat/completions") == 0
-    assert _node_metric(cluster.prefills[1], "pd_node_requests_total", route="/v1/chat/completions") == (
-        sent_to_prefill
+    assert r.json()["error"]["type"] and "compatible" in r.json()["error"]["message"]
+    assert (
+        metric_value(_get(f"{odd.url}/metrics"), "pd_node_requests_total", route="/v1/chat/completions") == 0
+    )
+    assert (
+        metric_value(_get(f"{prefill_1}/metrics"), "pd_node_requests_total", route="/v1/chat/completions")
+        == sent
     )
 
 
-def test_kill_prefill_retries_on_the_other_pair_opens_its_breaker_and_it_leaves(
-    cluster: FrontendCluster,
-) -> None:
-    """Last: prefill-0 is killed (its whole process group) and stays dead."""
-    dead, live = cluster.prefills
-    os.killpg(dead.pid, signal.SIGKILL)
-    dead.popen.wait(10)
-    bodies = [_chat(f"after the kill {i}") for i in range(6)]
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # round robin sends some to the dead node first
-        got = list(pool.map(lambda b: _post(cluster.frontend.url, b), bodies))
-        want = list(pool.map(lambda b: _alone(cluster.decodes[1], b), bodies))
-    for r, text in zip(got, want):
-        assert r.status_code == 200, r.text
-        assert r.headers["x-pd-prefill"] == live.node_id
-        assert r.json()["choices"][0]["message"]["content"] == text
-    assert any(r.headers["x-pd-attempts"] != "1" for r in got)
-    assert metric_value(cluster.frontend.metrics(), "pd_frontend_retries_total") >= 1
-    nodes = {n["node_id"]: n for n in cluster.frontend.nodes(KEY)}
-    assert dead.node_id not in nodes or nodes[dead.node_id]["breaker"] == "open"
+class Traffic:
+    """Streamed chat requests from `workers` threads until `total` were sent; per request: whether its
+    first chunk came before the kill (`started_before`), and its text or the error it ended with."""
+
+    def __init__(self, client: openai.OpenAI, total: int, workers: int) -> None:
+        self.client, self.total = client, total
+        self.killed = threading.Event()
+        self.done = 0
+        self.results: list[tuple[bool, str | None, str | None]] = []  # (started_before, text, error)
+        self._lock = threading.Lock()
+        self._next = 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers)
+        self.futures = [self.pool.submit(self._worker) for _ in range(workers)]
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                i, self._next = self._next, self._next + 1
+            if i >= self.total:
+                return
+            self.results.append(self._one(i))
+            with self._lock:
+                self.done += 1
+
+    def _one(self, i: int) -> tuple[bool, str | None, str | None]:
+        started_before, text = False, ""
+        try:
+            stream = self.client.chat.completions.create(
+                model="demo",
+                messages=[{"role": "user", "content": f"during the kill {i}"}],
+                max_tokens=4,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            for n, chunk in enumerate(stream):
+                if n == 0:
+                    started_before = not self.killed.is_set()
+                text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+        except openai.OpenAIError as exc:
+            return started_before, None, f"{type(exc).__name__}: {exc}"
+        return started_before, text, None
+
+    def broken(self) -> bool:
+        """A worker ended early (an exception that is not an OpenAI error): `wait` raises it."""
+        return any(f.done() for f in self.futures) and self.done < self.total
+
+    def wait(self) -> None:
+        for f in self.futures:
+            f.result(timeout=300)
+        self.pool.shutdown()
+
+
+def test_kill_prefill_while_requests_arrive(cluster: Cluster, client: openai.OpenAI) -> None:
+    """Changes the cluster: prefill-0 is killed (its process group) and stays dead."""
+    retries = metric_value(cluster.metrics(), "pd_frontend_retries_total")
+    victim = cluster.up.child_pid("prefill-0")
+    traffic = Traffic(client, total=24, workers=4)
+    wait_until(lambda: traffic.done >= 4 or traffic.broken(), 120, "the first requests end")
+    traffic.killed.set()
+    os.killpg(victim, signal.SIGKILL)
+    traffic.wait()
+    assert len(traffic.results) == 24
+    assert any(not started_before for started_before, _, _ in traffic.results)
+    for started_before, text, error in traffic.results:
+        assert started_before or (text is not None and error is None), (
+            error
+        )  # only a running stream may break
+    assert (
+        metric_value(cluster.metrics(), "pd_frontend_retries_total") > retries
+    )  # some went to prefill-0 first
     wait_until(
-        lambda: dead.node_id not in {n["node_id"] for n in cluster.frontend.nodes(KEY)},
+        lambda: "prefill-0" not in {n["node_id"] for n in cluster.nodes()},
         NODE_TTL + 20,
-        "the dead node expires from the node set",
+        "the dead node leaves the node set",
     )
-    _assert_no_leak(live, *cluster.decodes)
-    r = _post(cluster.frontend.url, _chat("after it left"))
-    assert r.status_code == 200 and r.headers["x-pd-prefill"] == live.node_id, r.text
-    assert json.loads(r.text)["choices"][0]["message"]["content"]
+    _assert_no_leak(cluster, "prefill-1", *DECODES)
+    r = _post(cluster.up.url, _chat("after it left"))
+    assert _text(r) and r.headers["x-pd-prefill"] == "prefill-1"
+
+
+def test_sigterm_of_up_after_a_child_died_leaves_nothing(cluster: Cluster) -> None:
+    tree = descendants(cluster.up.popen.pid)
+    assert len(tree) >= 4
+    cluster.up.popen.send_signal(signal.SIGTERM)
+    assert cluster.up.popen.wait(60) == 0
+    wait_until(lambda: not any(pid_alive(p) for p in tree), 30, "every process of the up tree exits")

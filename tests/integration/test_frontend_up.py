@@ -1,98 +1,40 @@
 """`pd-serve up` end to end with the demo model: 1 prefill + 1 decode node behind the frontend.
 
-The cluster is started once for the module (through the real command, as a user would), beside one
-`pd-serve colocated` node whose greedy output the disaggregated path must equal. The last test
-stops `up` with SIGTERM and checks that no process of its tree is left.
+The cluster is started once for the module through the real command, as a user would, beside one
+`pd-serve colocated` node whose greedy output the disaggregated path must equal. Covered here: the
+ready line, the official openai client (chat, streamed and not), HTTP/2 with prior knowledge and
+HTTP/1.1, the API key and OpenAI-shaped 4xx bodies, static mode (a second frontend started with
+`--prefill/--decode URL` lists in front of the same nodes: the decode node finds its peer through
+`pd.prefill_url`), and, last, SIGTERM of `up` leaving no process of its tree behind.
+The 2P2D cluster (spreading, kill -9 of a prefill node, no compatible pair) is test_frontend_cluster.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from frontend_helpers import descendants
+from frontend_helpers import FrontendProcess, UpProcess, descendants, greedy_chat, metric_value
 from server_helpers import NodeProcess, pid_alive, wait_until
 
-from pd_serve.bootstrap.process import free_port
 from pd_serve.cli import SUBCOMMANDS
 
 pytestmark = pytest.mark.skipif(
     "decode" not in SUBCOMMANDS, reason="pd-serve prefill/decode are not registered in pd_serve/cli.py yet"
 )
 KEY = "up-key"
-READY_TIMEOUT = 400.0
-
-
-class Up:
-    def __init__(self, args: list[str]) -> None:
-        self.port = free_port()
-        self.log = Path(tempfile.mkstemp(prefix="pd-serve-up-test-", suffix=".log")[1])
-        self.log_dir = tempfile.mkdtemp(prefix="pd-serve-up-test-logs-")
-        argv = [
-            sys.executable,
-            "-m",
-            "pd_serve.cli",
-            "up",
-            "--port",
-            str(self.port),
-            "--api-key",
-            KEY,
-            "--grace",
-            "10",
-            "--log-dir",
-            self.log_dir,
-            *args,
-        ]
-        with open(self.log, "wb") as out:
-            self.popen = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,
-            )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while "ready at" not in self.output():
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"pd-serve up did not get ready:\n{self.output()[-4000:]}")
-            time.sleep(0.2)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def kill(self) -> None:
-        for pid in descendants(self.popen.pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(10)
-        self.log.unlink(missing_ok=True)
-        shutil.rmtree(self.log_dir, ignore_errors=True)
+HDRS = {"Authorization": f"Bearer {KEY}"}
+PROMPTS = ("the scheduler moves pages", "a longer prompt " * 12)
 
 
 @pytest.fixture(scope="module")
-def both() -> Iterator[tuple[Up, NodeProcess]]:
+def both() -> Iterator[tuple[UpProcess, NodeProcess]]:
     """The cluster and the colocated node, started side by side (each waits on torch imports)."""
-    cluster = Up(["--num-prefill", "1", "--num-decode", "1", "--transfer-backend", "tcp"])
+    cluster = UpProcess(["--num-prefill", "1", "--num-decode", "1", "--transfer-backend", "tcp"], KEY)
     try:
         node = NodeProcess()
     except BaseException:
@@ -107,58 +49,105 @@ def both() -> Iterator[tuple[Up, NodeProcess]]:
 
 
 @pytest.fixture(scope="module")
-def up(both: tuple[Up, NodeProcess]) -> Up:
+def up(both: tuple[UpProcess, NodeProcess]) -> UpProcess:
     return both[0]
 
 
 @pytest.fixture(scope="module")
-def colocated(both: tuple[Up, NodeProcess]) -> NodeProcess:
+def colocated(both: tuple[UpProcess, NodeProcess]) -> NodeProcess:
     return both[1]
 
 
-def _greedy(client: openai.OpenAI, content: str, stream: bool) -> str:
-    args: dict[str, Any] = dict(
-        model="demo",
-        messages=[{"role": "user", "content": content}],
-        max_tokens=12,
-        temperature=0.0,
-        extra_body={"ignore_eos": True},
-    )
-    if not stream:
-        return client.chat.completions.create(**args).choices[0].message.content or ""
-    return "".join(
-        c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(stream=True, **args)
-        if c.choices
-    )
+def _chat(content: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "demo",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
-def test_up_prints_the_url_and_a_curl_example(up: Up) -> None:
-    out = up.output()
-    assert re.search(rf"ready at {re.escape(up.url)} \(1 prefill, 1 decode", out) and "curl " in out
-    nodes = httpx.get(f"{up.url}/nodes", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()[
-        "nodes"
-    ]
+def _post(url: str, body: Any, headers: dict[str, str] = HDRS) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def test_up_prints_the_url_and_a_curl_example(up: UpProcess) -> None:
+    assert up.ready_line_matches("1 prefill, 1 decode") and "curl " in up.output()
+    nodes = httpx.get(f"{up.url}/nodes", headers=HDRS, timeout=30).json()["nodes"]
     assert sorted(n["role"] for n in nodes) == ["decode", "prefill"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_disaggregated_greedy_output_equals_colocated(up: Up, colocated: NodeProcess, stream: bool) -> None:
+def test_disaggregated_greedy_output_equals_colocated(
+    up: UpProcess, colocated: NodeProcess, stream: bool
+) -> None:
     through = openai.OpenAI(base_url=f"{up.url}/v1", api_key=KEY, max_retries=0, timeout=120)
     direct = openai.OpenAI(base_url=f"{colocated.url}/v1", api_key="none", max_retries=0, timeout=120)
-    for content in ("the scheduler moves pages", "a longer prompt " * 12):
-        assert _greedy(through, content, stream) == _greedy(direct, content, stream)
+    for content in PROMPTS:
+        assert greedy_chat(through, content, stream) == greedy_chat(direct, content, stream)
 
 
-def test_http2_through_the_frontend(up: Up) -> None:
-    body = {"model": "demo", "prompt": "hello", "max_tokens": 4, "stream": True}
-    with httpx.Client(http1=False, http2=True, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-        r = c.post(f"{up.url}/v1/completions", json=body)
-    assert r.status_code == 200 and r.http_version == "HTTP/2" and r.text.endswith("data: [DONE]\n\n")
-    assert r.headers["x-pd-prefill"] == "prefill-0"
+def test_http2_and_http1_through_the_frontend(up: UpProcess) -> None:
+    for http1, http2, version in ((False, True, "HTTP/2"), (True, False, "HTTP/1.1")):
+        with httpx.Client(http1=http1, http2=http2, headers=HDRS, timeout=120) as c:
+            r = c.post(f"{up.url}/v1/chat/completions", json=_chat("which protocol", stream=True))
+        assert r.status_code == 200 and r.http_version == version, r.text
+        assert r.text.endswith("data: [DONE]\n\n") and r.headers["x-pd-prefill"] == "prefill-0"
 
 
-def test_sigterm_stops_every_child(up: Up) -> None:
+def test_api_key_and_openai_shaped_errors(up: UpProcess) -> None:
+    url = up.url
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = _post(url, _chat("no key"), headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    assert httpx.get(f"{url}/nodes", timeout=30).status_code == 401
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers=HDRS, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = _post(url, [1, 2])
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = _post(url, {**_chat("client pd"), "pd": {"room": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "pd", r.text
+    r = _post(url, _chat("stream", stream="yes"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+    r = httpx.get(f"{url}/v1/chat/completions", headers=HDRS, timeout=30)
+    assert r.status_code == 405 and "error" in r.json()
+    r = httpx.get(f"{url}/nope", headers=HDRS, timeout=30)
+    assert r.status_code == 404 and "error" in r.json()
+    # a node's own validation error comes back as it is (a client error: not retried)
+    retries = metric_value(httpx.get(f"{url}/metrics", timeout=30).text, "pd_frontend_retries_total")
+    r = _post(url, _chat("bad", max_tokens=-1))
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = _post(url, _chat("bad", temperature="hot"))
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    after = metric_value(httpx.get(f"{url}/metrics", timeout=30).text, "pd_frontend_retries_total")
+    assert after == retries
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # open routes need no key
+    assert httpx.get(f"{url}/v1/models", headers=HDRS, timeout=30).json()["data"][0]["id"] == "demo"
+
+
+def test_static_mode_sends_prefill_url(up: UpProcess, colocated: NodeProcess) -> None:
+    nodes = {
+        n["role"]: n["url"] for n in httpx.get(f"{up.url}/nodes", headers=HDRS, timeout=30).json()["nodes"]
+    }
+    static = FrontendProcess(
+        ["--prefill", nodes["prefill"], "--decode", nodes["decode"], "--probe-interval", "0.5"], env=up.env
+    )
+    try:
+        body = _chat(PROMPTS[0], max_tokens=12)
+        r = _post(static.url, body, headers={})
+        # node ids are URLs here, unknown to bootstrap: the decode node found its peer through pd.prefill_url
+        assert r.status_code == 200, r.text
+        assert r.headers["x-pd-prefill"] == nodes["prefill"] and r.headers["x-pd-decode"] == nodes["decode"]
+        want = httpx.post(f"{colocated.url}/v1/chat/completions", json=body, timeout=120).json()
+        assert r.json()["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+    finally:
+        static.stop()
+
+
+def test_sigterm_stops_every_child(up: UpProcess) -> None:
+    """Last: the cluster is gone afterwards."""
     tree = descendants(up.popen.pid)
     assert len(tree) >= 4  # bootstrap, prefill, decode, frontend (and their workers and engines)
     up.popen.send_signal(signal.SIGTERM)
