@@ -186,7 +186,7 @@ def explain(exc: BaseException, args: argparse.Namespace) -> str:
 
 def dump(args: argparse.Namespace) -> str:
     """The effective config of a resolved namespace as YAML, itself a valid --config file for the
-    role (API keys shown as '<hidden>')."""
+    role (API keys shown as '<hidden>'; secrets files are paths, shown as they are)."""
     import yaml
 
     parser: argparse.ArgumentParser = args._config_parser
@@ -196,6 +196,8 @@ def dump(args: argparse.Namespace) -> str:
         value = getattr(args, action.dest)
         if isinstance(action, _FLAG_ACTIONS):
             value = value == action.const
+        elif action.dest in _SECRET_DESTS and isinstance(value, list | tuple):
+            value = ["<hidden>" for _ in value]
         elif action.dest in _SECRET_DESTS and value is not None:
             value = "<hidden>"
         out[name] = list(value) if isinstance(value, list | tuple) else value

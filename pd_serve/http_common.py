@@ -7,12 +7,18 @@ Pure ASGI (no BaseHTTPMiddleware), so streams and long-polls are neither buffere
 client disconnects. Tokens are compared in constant time and never appear in a response or a log.
 `error_body` is the OpenAI error shape that the node and the frontend answer with (bootstrap has its
 own `{"detail": str}`).
+The cluster token (one secret for the whole internal plane: bootstrap, transfer handshakes, the nodes'
+pd requests) is read by `read_cluster_token` from `--cluster-token-file` or $PD_SERVE_CLUSTER_TOKEN,
+and travels between services in the `X-PD-Cluster-Token` header (`token_ok`), never in argv.
 This module must never import another pd_serve package: `bootstrap` depends on it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
+import os
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
@@ -24,6 +30,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = Sequence[tuple[bytes, bytes]]
 RequestCounter = Callable[[str, str, str], None]  # (method, route template or "unrouted", status)
 
+CLUSTER_TOKEN_ENV = "PD_SERVE_CLUSTER_TOKEN"
+CLUSTER_TOKEN_HEADER = "x-pd-cluster-token"
+CLUSTER_TOKEN_FLAG = "--cluster-token-file"
+# The per-purpose secrets of earlier versions: refused rather than ignored, since ignoring one would
+# silently run an internal plane without auth that its operator believes is protected.
+_RETIRED_TOKEN_ENVS = ("PD_SERVE_BOOTSTRAP_TOKEN", "PD_SERVE_TRANSFER_TOKEN")
 BEARER_CHALLENGE: Headers = ((b"www-authenticate", b"Bearer"),)
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -111,7 +123,7 @@ class GuardMiddleware:
         if body is None:
             await reply(send, 413, self._too_large)
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)
 
 
 def error_body(
@@ -121,6 +133,94 @@ def error_body(
     if kind is None:
         kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def read_cluster_token(
+    path: str | os.PathLike[str] | None,
+    error: type[ValueError] = ValueError,
+    env: MutableMapping[str, str] | None = None,
+) -> str | None:
+    """The cluster token: the stripped content of `path` (--cluster-token-file) if given, else
+    $PD_SERVE_CLUSTER_TOKEN, else None (no auth). Raises `error` naming the flag or variable, never
+    the token."""
+    environ = os.environ if env is None else env
+    if path is not None:
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise error(f"cluster_token_file ({CLUSTER_TOKEN_FLAG}): cannot read {path}: {exc.strerror}") from exc
+        if not token:
+            raise error(f"cluster_token_file ({CLUSTER_TOKEN_FLAG}): {path} is empty")
+        return token
+    token = environ.get(CLUSTER_TOKEN_ENV, "").strip()
+    if not token:
+        for old in _RETIRED_TOKEN_ENVS:
+            if environ.get(old):
+                raise error(
+                    f"{old} is no longer read: one cluster token now protects bootstrap, transfers and pd "
+                    f"requests; put the same secret in {CLUSTER_TOKEN_ENV} (or {CLUSTER_TOKEN_FLAG}) on every process"
+                )
+    return token or None
+
+
+def warn_if_open(log: logging.Logger, role: str, token: str | None) -> None:
+    """The one startup warning of a role running without a cluster token."""
+    if token is None:
+        log.warning(
+            "no cluster token (%s or $%s): the internal plane of this %s (bootstrap registry, KV "
+            "transfer handshakes, pd requests to nodes) is unauthenticated; anyone who can reach its "
+            "ports can register nodes, receive KV or inject rooms. Fine on a laptop, not on a network.",
+            CLUSTER_TOKEN_FLAG, CLUSTER_TOKEN_ENV, role,
+        )
+
+
+def header_value(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower case), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def token_ok(given: bytes | None, token: bytes | None) -> bool:
+    """True when no token is set, or `given` equals it (constant time)."""
+    if token is None:
+        return True
+    return given is not None and hmac.compare_digest(given.strip(), token)
+
+
+class KeyRing:
+    """Several accepted secrets (the frontend's API keys). `match` compares a presented key with every
+    one of them, always all of them and over their SHA-256 digests (equal lengths), so neither the
+    time taken nor an early exit tells which key, or how much of one, matched."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def match(self, given: bytes | None) -> int | None:
+        """The index of the key `given` equals, or None (also for None)."""
+        digest = hashlib.sha256(given or b"").digest()
+        found = -1
+        for i, expected in enumerate(self._digests):
+            hit = hmac.compare_digest(digest, expected)
+            found = i if hit and found < 0 else found
+        return found if found >= 0 and given is not None else None
+
+
+def bearer_value(scope: Scope) -> bytes | None:
+    """The credential of an `Authorization: Bearer X` header, or None."""
+    value = header_value(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, given = value.partition(b" ")
+    return given.strip() if scheme.lower() == b"bearer" else None
 
 
 def bearer_ok(scope: Scope, token: bytes | None) -> bool:
@@ -168,7 +268,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
     """A receive that yields the already-read body once, then defers to the real one (disconnects)."""
     sent = False
 

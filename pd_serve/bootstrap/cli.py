@@ -1,8 +1,8 @@
 """`pd-serve bootstrap`: run the rendezvous service with Granian.
 
 Only argparse-level imports at module scope (`pd-serve --help` loads this); FastAPI, Granian and
-redis are imported in `run`. The token is read here from --auth-token-file or the environment and
-handed to the app inside the config; it is never printed.
+redis are imported in `run`. The cluster token is read here from --cluster-token-file or
+$PD_SERVE_CLUSTER_TOKEN and handed to the app inside the config; it is never printed.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port, help="port to listen on")
     parser.add_argument("--store", default=d.store, help="'memory' (default) or redis://HOST:PORT/DB")
     parser.add_argument(
-        "--auth-token-file",
+        "--cluster-token-file",
         default=None,
-        help=f"file holding the bearer token every route but /health requires (default: ${TOKEN_ENV}, else no auth)",
+        help=f"file holding the cluster token, the bearer token every route but /health requires "
+        f"(default: ${TOKEN_ENV}, else no auth)",
     )
     parser.add_argument(
         "--node-ttl", type=float, default=d.node_ttl, help="seconds a node lives after its last heartbeat"
@@ -42,7 +43,7 @@ def config_from_args(args: argparse.Namespace) -> BootstrapConfig:
         host=args.host,
         port=args.port,
         store=args.store,
-        auth_token=read_token(args.auth_token_file),
+        auth_token=read_token(args.cluster_token_file),
         node_ttl=args.node_ttl,
         max_nodes=args.max_nodes,
         redis_prefix=args.redis_prefix,
@@ -81,10 +82,11 @@ def check_port_free(host: str, port: int) -> None:
 def serve(config: BootstrapConfig) -> None:
     """Serve until SIGINT/SIGTERM; one Granian worker (the memory store is per process)."""
     from pd_serve.bootstrap.app import create_app
-    from pd_serve.http_common import granian_server
+    from pd_serve.http_common import granian_server, warn_if_open
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    warn_if_open(logging.getLogger("pd_serve.bootstrap"), "bootstrap service", config.auth_token)
     server = granian_server("pd_serve.bootstrap.app:create_app", config.host, config.port, config.log_level)
     server.serve(target_loader=partial(create_app, config), wrap_loader=False)

@@ -1,7 +1,7 @@
 """The bootstrap client used by nodes and the frontend (asyncio + httpx); the wire shapes are in `app.py`.
 
     from pd_serve.bootstrap.records import NodeRegistration, Load   # the typed bodies (pydantic)
-    client = BootstrapClient("http://127.0.0.1:8998")          # token=None reads $PD_SERVE_BOOTSTRAP_TOKEN,
+    client = BootstrapClient("http://127.0.0.1:8998")          # token=None reads $PD_SERVE_CLUSTER_TOKEN,
                                                                # token="" sends none
     record = await client.register("decode-0", registration)   # NodeRegistration -> NodeRecord; retries
     record = await client.heartbeat("decode-0", Load(...))     # raises NodeExpired on 404

@@ -8,14 +8,14 @@ loads it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from pd_serve.config import ConfigError, require
+from pd_serve.http_common import CLUSTER_TOKEN_ENV, read_cluster_token
 
-TOKEN_ENV = "PD_SERVE_BOOTSTRAP_TOKEN"
+TOKEN_ENV = CLUSTER_TOKEN_ENV
 _STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -76,17 +76,6 @@ def _redact(url: str) -> str:
 
 
 def read_token(token_file: str | Path | None = None, env: dict[str, str] | None = None) -> str | None:
-    """The bearer token: the file's stripped content if given, else $PD_SERVE_BOOTSTRAP_TOKEN, else None."""
-    if token_file is not None:
-        path = Path(token_file)
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise BootstrapConfigError(
-                f"auth_token_file (--auth-token-file): cannot read {path}: {exc.strerror}"
-            ) from exc
-        if not token:
-            raise BootstrapConfigError(f"auth_token_file (--auth-token-file): {path} is empty")
-        return token
-    value = (os.environ if env is None else env).get(TOKEN_ENV, "").strip()
-    return value or None
+    """The cluster token, the bearer token of every route but /health: the file's stripped content if
+    given (--cluster-token-file), else $PD_SERVE_CLUSTER_TOKEN, else None."""
+    return read_cluster_token(token_file, BootstrapConfigError, env)

@@ -27,7 +27,7 @@ class NodeNotFound(BootstrapError):
 
 
 class Unauthorized(BootstrapError):
-    """401: no token, or the wrong one (set PD_SERVE_BOOTSTRAP_TOKEN or pass token=)."""
+    """401: no token, or the wrong one (set PD_SERVE_CLUSTER_TOKEN or pass token=)."""
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pd_serve.http_common import ASGIApp, GuardMiddleware
 
 OPEN_PATHS = frozenset({"/health"})
 _UNAUTHORIZED = (
-    "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
-    "of the service's --auth-token-file or PD_SERVE_BOOTSTRAP_TOKEN"
+    "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the cluster token "
+    "(--cluster-token-file or PD_SERVE_CLUSTER_TOKEN)"
 )
 
 

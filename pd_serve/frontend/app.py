@@ -3,7 +3,13 @@
 Routes: `POST /v1/chat/completions` and `/v1/completions` (paired and relayed by `proxy.Relay`),
 `GET /v1/models` (from any live node), `GET /health` (200 while a compatible pair or a decode node is
 live), `GET /metrics` (Prometheus), `GET /nodes` (the node set), `POST /flush_cache` (fanned out to
-every node). With `--api-key` every route but /health and /metrics needs `Authorization: Bearer KEY`.
+every node). With `--api-key` (one or several) every route but /health and /metrics needs
+`Authorization: Bearer KEY`, KEY any of them (compared in constant time, `KeyRing`). A generation
+request then passes, in order: the in-flight limits (`load.Admission`: 503 past
+--max-concurrent-requests, 429 past --max-concurrent-per-key, both with Retry-After and before its
+body is read), the body size (413), JSON checks (400) and the request limits (`limits`, 400); its
+admission slot is released on every path. Every request to a node carries the cluster token
+(`X-PD-Cluster-Token`) when one is set.
 The lifespan opens the one shared upstream `httpx.AsyncClient` and starts the node watcher. Every
 error leaves as OpenAI-shaped JSON; an unexpected exception is logged with its stack, never sent.
 A generation request runs as a task that is cancelled when the client disconnects.
@@ -21,6 +27,8 @@ import orjson
 
 from pd_serve.frontend.config import FrontendConfig
 from pd_serve.frontend.errors import RETRY_AFTER_S, error_bytes
+from pd_serve.frontend.limits import cap_output, check_limits
+from pd_serve.frontend.load import Admission, Refusal
 from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import NodeSet, watch_bootstrap, watch_static
 from pd_serve.frontend.proxy import ClientGone, Relay, reply, send_checked
@@ -28,12 +36,14 @@ from pd_serve.frontend.router import Router
 from pd_serve.http_common import (
     BEARER_CHALLENGE,
     BodyCut,
+    KeyRing,
     Receive,
     Scope,
     Send,
     StatusRecorder,
-    bearer_ok,
+    bearer_value,
     read_body,
+    warn_if_open,
 )
 from pd_serve.metrics_common import CONTENT_TYPE
 
@@ -67,16 +77,18 @@ class FrontendApp:
         self.nodes = NodeSet(config)
         self.metrics = FrontendMetrics()
         self.router = Router(config, self.nodes)
-        self._key = config.api_key.encode() if config.api_key else None
+        self._keys = KeyRing(config.api_keys)
+        self.admission = Admission(config.max_concurrent_requests, config.max_concurrent_per_key)
         self.http: httpx.AsyncClient | None = None
         self.relay: Relay | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        warn_if_open(log, "frontend", self.config.cluster_token)
         self.http = upstream_client(self.config)
         self.relay = Relay(self.config, self.nodes, self.router, self.http, self.metrics)
         if self.config.bootstrap:
-            watcher = watch_bootstrap(self.nodes, self.config.bootstrap)
+            watcher = watch_bootstrap(self.nodes, self.config.bootstrap, self.config.cluster_token)
         else:
             watcher = watch_static(self.nodes, self.http, self._node_headers())
         self._watcher = asyncio.create_task(watcher, name="frontend-node-watch")
@@ -99,8 +111,7 @@ class FrontendApp:
             await self.http.aclose()
 
     def _node_headers(self) -> dict[str, str]:
-        key = self.config.node_api_key
-        return {"authorization": f"Bearer {key}"} if key else {}
+        return self.config.node_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -145,13 +156,28 @@ class FrontendApp:
             await reply(send, 404, error_bytes(404, f"no route {path}", code="not_found"))
         elif scope["method"] != method:
             await reply(send, 405, error_bytes(405, f"{path} takes {method}, not {scope['method']}"))
-        elif path not in OPEN_PATHS and not bearer_ok(scope, self._key):
-            message = (
-                "missing or wrong API key: send 'Authorization: Bearer <key>' with the frontend's --api-key"
-            )
-            await reply(send, 401, error_bytes(401, message, code="invalid_api_key"), BEARER_CHALLENGE)
-        elif path in GENERATE:
-            await self._generate(path, scope, receive, send)
+        elif path in OPEN_PATHS or not self._keys:
+            await self._serve_route(path, scope, receive, send, None)
+        else:
+            principal = self._keys.match(bearer_value(scope))
+            if principal is None:
+                message = (
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' with one of the "
+                    "frontend's --api-key keys"
+                )
+                await reply(send, 401, error_bytes(401, message, code="invalid_api_key"), BEARER_CHALLENGE)
+            else:
+                await self._serve_route(path, scope, receive, send, principal)
+
+    async def _serve_route(self, path: str, scope: Scope, receive: Receive, send: Send, principal: int | None) -> None:
+        if path in GENERATE:
+            admitted = self.admission.admit(principal)
+            if isinstance(admitted, Refusal):
+                retry = ((b"retry-after", RETRY_AFTER_S.encode()),)
+                await reply(send, admitted.status, error_bytes(admitted.status, admitted.message, code=admitted.code), retry)
+                return
+            with admitted:
+                await self._generate(path, scope, receive, send)
         elif path == "/health":
             await self._health(send)
         elif path == "/metrics":
@@ -166,7 +192,8 @@ class FrontendApp:
             )
             await send_checked(send, {"type": "http.response.body", "body": body})
         elif path == "/nodes":
-            await reply(send, 200, orjson.dumps({"nodes": self.nodes.describe()}))
+            admission = {"in_flight": self.admission.total, "by_key": self.admission.snapshot()}
+            await reply(send, 200, orjson.dumps({"nodes": self.nodes.describe(), "admission": admission}))
         elif path == "/v1/models":
             await self._models(send)
         else:
@@ -193,6 +220,12 @@ class FrontendApp:
         if body is None:
             await reply(send, 400, error_bytes(400, problem, param=_param_of(problem), code="invalid_value"))
             return
+        over = check_limits(body, self.config)
+        if over is not None:
+            await reply(send, 400, error_bytes(400, over.message, param=over.param, code=over.code))
+            return
+        if cap_output(body, self.config):
+            raw = orjson.dumps(body)
         assert self.relay is not None
         work = asyncio.create_task(self.relay.serve(path, body, raw, send))
         gone = asyncio.create_task(_disconnected(receive))

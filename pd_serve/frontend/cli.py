@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from functools import partial
 from typing import Any
 
 from pd_serve import cli_config
 from pd_serve.frontend.config import POLICIES, FrontendConfig, FrontendConfigError
+from pd_serve.http_common import read_cluster_token
+
+API_KEYS_ENV = "PD_SERVE_API_KEYS"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompts shorter than this many characters go to a decode node alone (0: off)",
     )
     parser.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health, /metrics)"
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (not on /health, /metrics); repeat for several keys "
+        f"(also: --api-key-file, ${API_KEYS_ENV} comma-separated)",
     )
+    parser.add_argument("--api-key-file", default=None, help="file of API keys, one per line ('#' comments)")
     parser.add_argument("--node-api-key", default=None, help="bearer token the frontend sends to nodes")
+    parser.add_argument(
+        "--cluster-token-file",
+        default=None,
+        help="file holding the cluster token, for bootstrap and sent to nodes as X-PD-Cluster-Token "
+        "(default: $PD_SERVE_CLUSTER_TOKEN, else none: the internal plane is open)",
+    )
     parser.add_argument(
         "--ssl-certfile", default=None, help="TLS certificate (PEM); with --ssl-keyfile: HTTPS, h2 by ALPN"
     )
@@ -103,7 +119,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prefix_aware: leave the prefix's node when it has this many more requests than the least loaded",
     )
     parser.add_argument(
-        "--max-request-bytes", type=int, default=d.max_request_bytes, help="largest request body"
+        "--max-request-bytes", type=int, default=d.max_request_bytes, help="largest request body (413 past it)"
+    )
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=d.max_prompt_chars,
+        help="longest prompt in characters (400 past it; nodes also limit tokens); 0: no limit",
+    )
+    parser.add_argument(
+        "--max-output-tokens",
+        type=int,
+        default=d.max_output_tokens,
+        help="largest max_tokens / max_completion_tokens a request may ask (400 past it); 0: no limit",
+    )
+    parser.add_argument(
+        "--max-concurrent-per-key",
+        type=int,
+        default=d.max_concurrent_per_key,
+        help="generation requests in flight per API key (429 with Retry-After past it); 0: no limit",
+    )
+    parser.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=d.max_concurrent_requests,
+        help="generation requests in flight in all (503 with Retry-After past it, at once); 0: no limit",
     )
     parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
     cli_config.add_config_arguments(parser)
@@ -120,8 +160,9 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         policy=args.policy,
         max_retries=args.max_retries,
         local_prefill_threshold=args.local_prefill_threshold,
-        api_key=args.api_key,
+        api_keys=api_keys(args.api_key, args.api_key_file),
         node_api_key=args.node_api_key,
+        cluster_token=read_cluster_token(args.cluster_token_file, FrontendConfigError),
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         breaker_failures=args.breaker_failures,
@@ -132,8 +173,30 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         prefix_chars=args.prefix_chars,
         prefix_balance=args.prefix_balance,
         max_request_bytes=args.max_request_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        max_output_tokens=args.max_output_tokens,
+        max_concurrent_per_key=args.max_concurrent_per_key,
+        max_concurrent_requests=args.max_concurrent_requests,
         log_level=args.log_level,
     )
+
+
+def api_keys(given: list[str], path: str | None, env: dict[str, str] | None = None) -> tuple[str, ...]:
+    """Every accepted API key: --api-key values, the lines of --api-key-file, then $PD_SERVE_API_KEYS
+    (comma-separated; how `pd-serve up` passes keys), without repeats."""
+    keys = [k.strip() for k in given]
+    if path is not None:
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            raise FrontendConfigError(f"api_key_file (--api-key-file): cannot read {path}: {exc.strerror}") from exc
+        from_file = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not from_file:
+            raise FrontendConfigError(f"api_key_file (--api-key-file): {path} holds no key")
+        keys += from_file
+    keys += [k.strip() for k in (os.environ if env is None else env).get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return tuple(dict.fromkeys(keys))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,10 @@
 """Frozen configuration of the frontend (`FrontendConfig`), validated in `__post_init__`.
 
-Errors name the field and the flag that sets it. The API keys are kept out of `repr()`. Standard
-library and `pd_serve.config` (for `require`) only: `pd-serve --help` imports this module.
+Errors name the field and the flag that sets it. The API keys and the cluster token are kept out of
+`repr()`. Limits: `max_request_bytes`, `max_prompt_chars`, `max_output_tokens` bound each request
+(whatever its key); `max_concurrent_per_key` bounds each API key's requests in flight (429), and
+`max_concurrent_requests` all of them (503); 0 turns a limit off. Standard library and
+`pd_serve.config` (for `require`) only: `pd-serve --help` imports this module.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ class FrontendConfig:
     policy: str = "round_robin"
     max_retries: int = 2  # extra attempts on another pair, only before the client saw a byte
     local_prefill_threshold: int = 0  # prompts shorter than this many characters go to decode alone
-    api_key: str | None = field(default=None, repr=False)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # any of them opens the API; none: open
     node_api_key: str | None = field(default=None, repr=False)  # sent to nodes as a bearer token
+    cluster_token: str | None = field(default=None, repr=False)  # bootstrap bearer + X-PD-Cluster-Token to nodes
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     breaker_failures: int = 3  # consecutive failures that open a node's breaker
@@ -46,6 +50,10 @@ class FrontendConfig:
     prefix_chars: int = 256  # prefix_aware: characters of the prompt that name its prefix
     prefix_balance: float = 4.0  # prefix_aware: leave the owner when its load > min load + this
     max_request_bytes: int = 4 * 1024 * 1024
+    max_prompt_chars: int = 0  # characters of the prompt text (the frontend does not tokenize); 0: off
+    max_output_tokens: int = 0  # largest max_tokens / max_completion_tokens a request may ask; 0: off
+    max_concurrent_per_key: int = 0  # generation requests in flight per API key (429 past it); 0: off
+    max_concurrent_requests: int = 2048  # generation requests in flight in all (503 past it); 0: off
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -74,7 +82,10 @@ class FrontendConfig:
         _require(self.policy in POLICIES, "policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}")
         _require(0 <= self.max_retries <= 10, "max_retries", f"{self.max_retries} is outside 0..10")
         _require(self.local_prefill_threshold >= 0, "local_prefill_threshold", "must be >= 0 (0 = off)")
-        for name in ("api_key", "node_api_key"):
+        for key in self.api_keys:
+            _require(bool(key.strip()) and key == key.strip(), "api_key", "a key is empty or has spaces around it")
+        _require(len(set(self.api_keys)) == len(self.api_keys), "api_key", "a key is given twice")
+        for name in ("node_api_key", "cluster_token"):
             key = getattr(self, name)
             _require(key is None or bool(key.strip()), name, "is empty; leave it unset or give a key")
         _require(
@@ -98,6 +109,8 @@ class FrontendConfig:
         _require(
             self.max_request_bytes >= 1024, "max_request_bytes", f"{self.max_request_bytes} is below 1024"
         )
+        for name in ("max_prompt_chars", "max_output_tokens", "max_concurrent_per_key", "max_concurrent_requests"):
+            _require(getattr(self, name) >= 0, name, f"{getattr(self, name)} must be >= 0 (0: no limit)")
         _require(
             self.log_level in ("debug", "info", "warning", "error"),
             "log_level",
@@ -112,6 +125,15 @@ class FrontendConfig:
     @property
     def tls(self) -> bool:
         return self.ssl_certfile is not None
+
+    @property
+    def node_headers(self) -> dict[str, str]:
+        """The credentials every request to a node carries: --node-api-key as a bearer, and the
+        cluster token in X-PD-Cluster-Token (the nodes' pd plane)."""
+        headers = {"authorization": f"Bearer {self.node_api_key}"} if self.node_api_key else {}
+        if self.cluster_token:
+            headers["x-pd-cluster-token"] = self.cluster_token
+        return headers
 
 
 def _is_url(url: str) -> bool:

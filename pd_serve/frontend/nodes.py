@@ -139,12 +139,13 @@ def node_from_record(record: Any) -> Node:
     )
 
 
-async def watch_bootstrap(nodes: NodeSet, url: str) -> None:
-    """Mirror the bootstrap registry into `nodes` until cancelled; outages keep the last known set."""
+async def watch_bootstrap(nodes: NodeSet, url: str, token: str | None = None) -> None:
+    """Mirror the bootstrap registry into `nodes` until cancelled; outages keep the last known set.
+    `token`: the cluster token (None: none sent)."""
     from pd_serve.bootstrap.client import BootstrapClient, BootstrapError
 
     interval = nodes.config.probe_interval
-    async with BootstrapClient(url, timeout=max(2.0, interval * 2)) as client:
+    async with BootstrapClient(url, token=token or "", timeout=max(2.0, interval * 2)) as client:
         etag: str | None = None
         failing = False
         while True:

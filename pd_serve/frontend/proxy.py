@@ -110,9 +110,7 @@ class Relay:
         self.router = router
         self.http = http
         self.metrics = metrics
-        self.headers = {"content-type": "application/json"}
-        if config.node_api_key:
-            self.headers["authorization"] = f"Bearer {config.node_api_key}"
+        self.headers = {"content-type": "application/json", **config.node_headers}
         self._background: set[asyncio.Task[Any]] = set()
 
     async def serve(self, path: str, body: dict[str, Any], raw: bytes, send: Send) -> None:
@@ -150,7 +148,10 @@ class Relay:
             if attempt < self.config.max_retries:
                 self.metrics.retries.labels(reason=failure.reason).inc()
         assert failure is not None
-        await reply(send, failure.status, failure.body, failure.headers)
+        headers = failure.headers
+        if failure.status in (429, 503) and not any(k == b"retry-after" for k, _ in headers):
+            headers = (*headers, (b"retry-after", RETRY_AFTER_S.encode()))  # every pair tried was busy
+        await reply(send, failure.status, failure.body, headers)
 
     async def _attempt(
         self,

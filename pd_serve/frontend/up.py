@@ -10,6 +10,11 @@ exited child is started again on its port instead. `cluster.json` in the log dir
 child's pid, URL and argv (rewritten on every start). `--colocated`
 runs one `pd-serve colocated` node behind the frontend instead (no bootstrap, no prefill nodes).
 
+Secure by default: every child gets the same cluster token in $PD_SERVE_CLUSTER_TOKEN (never in
+argv, so neither `ps` nor cluster.json shows it): the one of --cluster-token-file, else the one already
+in `up`'s environment, else a fresh `secrets.token_urlsafe(32)`; `--no-cluster-token` runs the
+internal plane open (each child then warns). API keys reach the frontend in $PD_SERVE_API_KEYS.
+
 Only argparse-level imports at module scope (`pd-serve --help` loads this).
 """
 
@@ -20,6 +25,7 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -33,7 +39,9 @@ from pathlib import Path
 
 from pd_serve import cli_config
 from pd_serve.config import add_engine_arguments
+from pd_serve.frontend.cli import API_KEYS_ENV
 from pd_serve.frontend.config import POLICIES
+from pd_serve.http_common import CLUSTER_TOKEN_ENV, read_cluster_token
 
 READY_POLL_S = 0.2
 _PR_SET_PDEATHSIG = 1
@@ -49,7 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address the frontend listens on (children: loopback)")
     g.add_argument("--port", type=int, default=8000, help="the frontend's port")
     g.add_argument("--policy", default="round_robin", choices=POLICIES, help="the frontend's pairing policy")
-    g.add_argument("--api-key", default=None, help="the frontend's API key")
+    g.add_argument(
+        "--api-key", action="append", default=[], metavar="KEY", help="an API key of the frontend (repeat for several)"
+    )
+    g.add_argument("--api-key-file", default=None, help="the frontend's --api-key-file (one key per line)")
+    g.add_argument(
+        "--cluster-token-file",
+        default=None,
+        help="file holding the cluster token for every child (default: $PD_SERVE_CLUSTER_TOKEN, else a random one)",
+    )
+    g.add_argument(
+        "--no-cluster-token",
+        action="store_true",
+        help="run the internal plane without a token (local debugging only; every child warns)",
+    )
     g.add_argument(
         "--transfer-backend", default=None, choices=("ucx", "tcp", "cma"), help="KV transfer backend"
     )
@@ -126,8 +147,8 @@ def _die_with_parent() -> None:
 class Child:
     """One `pd-serve ROLE` child: its own session and a log file that outlives it."""
 
-    def __init__(self, name: str, argv: list[str], url: str, log_dir: Path) -> None:
-        self.name, self.argv, self.url = name, argv, url
+    def __init__(self, name: str, argv: list[str], url: str, log_dir: Path, env: dict[str, str]) -> None:
+        self.name, self.argv, self.url, self.env = name, argv, url, env
         self.log_path = log_dir / f"{name}.log"
         with open(self.log_path, "ab") as log_file:  # a restarted child appends
             self.popen = subprocess.Popen(
@@ -135,7 +156,7 @@ class Child:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=env,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -166,15 +187,19 @@ class ClusterFailed(RuntimeError):
 
 
 class Cluster:
-    def __init__(self, args: argparse.Namespace, log_dir: Path, stop: threading.Event) -> None:
+    def __init__(
+        self, args: argparse.Namespace, log_dir: Path, stop: threading.Event, env: dict[str, str] | None = None
+    ) -> None:
         self.args, self.log_dir, self.stop_event = args, log_dir, stop
+        self.env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         self.children: list[Child] = []
         self.bootstrap: Child | None = None
         self.frontend: Child | None = None
 
     def _start(self, name: str, role: str, port: int, extra: list[str]) -> Child:
         argv = [sys.executable, "-m", "pd_serve.cli", role, "--port", str(port), *extra]
-        child = Child(name, argv, f"http://127.0.0.1:{port}", self.log_dir)
+        env = self.env if role == "frontend" else {k: v for k, v in self.env.items() if k != API_KEYS_ENV}
+        child = Child(name, argv, f"http://127.0.0.1:{port}", self.log_dir, env)
         self.children.append(child)
         self.write_manifest()
         return child
@@ -192,7 +217,7 @@ class Cluster:
 
     def restart(self, child: Child) -> None:
         """Start `child` again with the same argv (so the same port), in place of the exited one."""
-        fresh = Child(child.name, child.argv, child.url, self.log_dir)
+        fresh = Child(child.name, child.argv, child.url, self.log_dir, child.env)
         self.children[self.children.index(child)] = fresh
         if child is self.bootstrap:
             self.bootstrap = fresh
@@ -225,8 +250,8 @@ class Cluster:
             self._wait(nodes)
             nodes_flag = ["--bootstrap", self.bootstrap.url]
         front = ["--host", a.host, "--policy", a.policy, *nodes_flag, *a.frontend_arg]
-        if a.api_key:
-            front += ["--api-key", a.api_key]
+        if a.api_key_file:
+            front += ["--api-key-file", a.api_key_file]
         self.frontend = self._start("frontend", "frontend", a.port, front)
         self.frontend.url = f"http://{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.port}"
         self._wait([self.frontend])
@@ -293,6 +318,21 @@ class Cluster:
                 child.popen.wait(5.0)
 
 
+def child_env(args: argparse.Namespace, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every child: `base` (default: ours) with the cluster token and API keys
+    (see the module docstring). ValueError when --cluster-token-file cannot be read."""
+    env = dict(os.environ if base is None else base)
+    keys = [*args.api_key, *filter(None, env.get(API_KEYS_ENV, "").split(","))]
+    if keys:
+        env[API_KEYS_ENV] = ",".join(keys)
+    if args.no_cluster_token:
+        env.pop(CLUSTER_TOKEN_ENV, None)
+        return env
+    token = read_cluster_token(args.cluster_token_file, env=env) if args.cluster_token_file else None
+    env[CLUSTER_TOKEN_ENV] = token or env.get(CLUSTER_TOKEN_ENV, "").strip() or secrets.token_urlsafe(32)
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         args = cli_config.resolve(args)
@@ -302,6 +342,11 @@ def run(args: argparse.Namespace) -> int:
     if args.num_prefill < 0 or args.num_decode < 1:
         print("pd-serve up: --num-decode must be >= 1 and --num-prefill >= 0", file=sys.stderr)
         return 2
+    try:
+        env = child_env(args)
+    except ValueError as exc:
+        print(f"pd-serve up: {exc}", file=sys.stderr)
+        return 2
     if args.print_config:
         return cli_config.print_config(args)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-serve-up-"))
@@ -309,14 +354,14 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    cluster = Cluster(args, log_dir, stop)
+    cluster = Cluster(args, log_dir, stop, env)
     code = 0
     try:
         url = cluster.start()
         layout = (
             "1 colocated node" if args.colocated else f"{args.num_prefill} prefill, {args.num_decode} decode"
         )
-        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        auth = " -H \"Authorization: Bearer $YOUR_API_KEY\"" if args.api_key or args.api_key_file else ""
         print(
             f"pd-serve up: ready at {url} ({layout}; logs in {log_dir})\n"
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"

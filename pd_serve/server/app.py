@@ -52,7 +52,7 @@ def create_app(state: NodeState) -> Any:
     _add_error_handlers(app)
     _add_openai_routes(app, state, serving)
     _add_admin_routes(app, state)
-    return guard(app, state.config.api_key, state.config.max_request_bytes, state.metrics)
+    return guard(app, state.config.api_key, state.config.max_request_bytes, state.metrics, state.config.cluster_token)
 
 
 _DRAINS: set[asyncio.Task[None]] = set()

@@ -28,6 +28,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = field(default=None, repr=False)  # never logged
+    # prefill/decode roles: pd requests and internal routes need it in X-PD-Cluster-Token; never logged
+    cluster_token: str | None = field(default=None, repr=False)
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     max_request_bytes: int = 4 * 1024 * 1024
@@ -41,6 +43,8 @@ class ServerConfig:
         _require(0 <= self.port <= 65535, "port", f"{self.port} is outside 0..65535")
         if self.api_key is not None:
             _require(bool(self.api_key.strip()), "api_key", "is empty; leave it unset or give a key")
+        if self.cluster_token is not None:
+            _require(bool(self.cluster_token.strip()), "cluster_token", "is empty; leave it unset or give a token")
         _require(
             (self.ssl_certfile is None) == (self.ssl_keyfile is None),
             "ssl_certfile",
@@ -64,11 +68,12 @@ class ServerConfig:
         return self.ssl_certfile is not None
 
     def public_dict(self) -> dict[str, object]:
-        """The config as /server_info shows it: the API key only as whether one is set."""
+        """The config as /server_info shows it: the API key and cluster token only as whether one is set."""
         return {
             "host": self.host,
             "port": self.port,
             "api_key_set": self.api_key is not None,
+            "cluster_token_set": self.cluster_token is not None,
             "tls": self.tls,
             "max_request_bytes": self.max_request_bytes,
             "max_queued_requests": self.max_queued_requests,

@@ -1,30 +1,60 @@
-"""The guard in front of every node route: API key, body size limit, request counts.
+"""The guard in front of every node route: API key, body size limit, request counts, and the pd plane.
 
 The mechanics are `pd_serve.http_common.GuardMiddleware`; this module gives it what is the node's
 own: OpenAI-shaped refusals, `/health` and `/metrics` open (probes and scrapers carry no key), and
 counts labelled by route template and status. The key is never echoed or logged.
+
+A prefill or decode node with a cluster token also runs `ClusterPlane` inside that guard: a request
+that carries a top-level `pd` object (it would create a transfer room: receive KV, or send it) and
+the internal routes (`/flush_cache`, profiling) need `X-PD-Cluster-Token: <token>`, the header the
+frontend sends to every node; without it 401, with a wrong one 403. The header is separate from the
+API key so that a client's key, valid for plain requests to a decode node, never opens the pd plane.
+Only requests without a valid header have their body parsed here, so the frontend's path costs one
+constant-time compare.
 """
 
 from __future__ import annotations
 
 import orjson
 
-from pd_serve.http_common import ASGIApp, GuardMiddleware, error_body
+from pd_serve.http_common import (
+    CLUSTER_TOKEN_HEADER,
+    ASGIApp,
+    BodyCut,
+    GuardMiddleware,
+    Receive,
+    Scope,
+    Send,
+    error_body,
+    header_value,
+    read_body,
+    replay,
+    reply,
+    token_ok,
+)
 from pd_serve.server.metrics import NodeMetrics
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+PD_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+INTERNAL_PATHS = frozenset({"/flush_cache", "/start_profile", "/stop_profile"})
 _UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>' with the node's --api-key"
+_HEADER_NAME = "X-PD-Cluster-Token"
+_HOW = "(the cluster token of --cluster-token-file or PD_SERVE_CLUSTER_TOKEN, which the frontend sends)"
 
 
-def guard(app: ASGIApp, api_key: str | None, max_body_bytes: int, metrics: NodeMetrics) -> GuardMiddleware:
-    """`app` behind the API key (when set), the `max_body_bytes` limit and request counting."""
+def guard(
+    app: ASGIApp, api_key: str | None, max_body_bytes: int, metrics: NodeMetrics, cluster_token: str | None = None
+) -> GuardMiddleware:
+    """`app` behind the API key (when set), the `max_body_bytes` limit, request counting and, with a
+    `cluster_token`, the pd plane check."""
 
     def count(method: str, route: str, status: str) -> None:
         metrics.requests.labels(route=route, status=status).inc()
 
     too_large = f"the request body is over the limit of {max_body_bytes} bytes (--max-request-bytes)"
+    inner = ClusterPlane(app, cluster_token, max_body_bytes) if cluster_token else app
     return GuardMiddleware(
-        app,
+        inner,
         api_key,
         max_body_bytes,
         count,
@@ -32,3 +62,53 @@ def guard(app: ASGIApp, api_key: str | None, max_body_bytes: int, metrics: NodeM
         unauthorized=orjson.dumps(error_body(401, _UNAUTHORIZED, code="invalid_api_key")),
         too_large=orjson.dumps(error_body(413, too_large, code="request_too_large")),
     )
+
+
+class ClusterPlane:
+    """Refuses pd requests and internal routes that lack the cluster token (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, token: str, max_body_bytes: int) -> None:
+        self.app = app
+        self._token = token.encode()
+        self._max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or (path not in PD_PATHS and path not in INTERNAL_PATHS):
+            await self.app(scope, receive, send)
+            return
+        given = header_value(scope, CLUSTER_TOKEN_HEADER.encode())
+        if token_ok(given, self._token):
+            await self.app(scope, receive, send)
+            return
+        if path in INTERNAL_PATHS:
+            await _refuse(send, given, f"{path} is internal to the cluster")
+            return
+        try:  # the outer guard has read the body already: this is its replay, in memory
+            body = await read_body(receive, self._max_body_bytes) or b""
+        except BodyCut as cut:
+            body = cut.partial
+        if carries_pd(body):
+            await _refuse(send, given, "a request with 'pd' (a KV transfer room) may come only from the frontend")
+            return
+        await self.app(scope, replay(body, receive), send)
+
+
+def carries_pd(body: bytes) -> bool:
+    """True when the body is a JSON object with a top-level `pd` key (any value, null included)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False  # the app answers 400 for it; it cannot open a room
+    return isinstance(parsed, dict) and "pd" in parsed
+
+
+async def _refuse(send: Send, given: bytes | None, what: str) -> None:
+    if given is None:
+        status, code, problem = 401, "missing_cluster_token", f"header {_HEADER_NAME} is missing"
+    else:
+        status, code, problem = 403, "invalid_cluster_token", f"header {_HEADER_NAME} does not hold the cluster token"
+    body = error_body(status, f"{what}: {problem} {_HOW}", param="pd" if "pd" in what else None, code=code)
+    if status == 403:
+        body["error"]["type"] = "permission_error"
+    await reply(send, status, orjson.dumps(body))

@@ -8,7 +8,7 @@ the bootstrap service. The subcommand's name is the role. Only argparse-level im
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import socket
 import sys
 from functools import partial
@@ -16,6 +16,7 @@ from typing import Any
 
 from pd_serve import cli_config
 from pd_serve.config import ConfigError, DisaggConfig, EngineConfig
+from pd_serve.http_common import read_cluster_token
 from pd_serve.server import cli as node_cli
 from pd_serve.server.config import ServerConfig, ServerConfigError
 
@@ -26,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bootstrap", default=None, help="bootstrap service URL, e.g. http://127.0.0.1:8998")
     g.add_argument("--node-id", default=None, help="id in the registry (default: ROLE-HOST-PORT)")
     g.add_argument("--advertise-url", default=None, help="HTTP address peers and the frontend use (default: http://HOST:PORT)")
-    g.add_argument("--bootstrap-token-file", default=None, help="file holding the bootstrap token (or $PD_SERVE_BOOTSTRAP_TOKEN)")
+    g.add_argument("--cluster-token-file", default=None,
+                   help="file holding the cluster token: bootstrap auth, transfer handshakes and pd requests "
+                        "(default: $PD_SERVE_CLUSTER_TOKEN, else none: the internal plane is open)")
     g.add_argument("--transfer-backend", default=None, choices=("ucx", "tcp", "cma"), help="KV transfer backend (default: ucx where ucxx imports)")
     g.add_argument("--transfer-host", default=None, help="address the transfer endpoint binds and publishes (default: --host)")
     g.add_argument("--transfer-port", type=int, default=0, help="transfer endpoint port (0: any free port)")
@@ -35,19 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds a room may wait for its peer to know it (the other node's request)")
     g.add_argument("--transfer-waiting-timeout", type=float, default=300.0,
                    help="seconds a room may wait for its KV once both sides know it (prefill queueing)")
-    g.add_argument("--transfer-token-file", default=None, help="shared secret for transfer handshakes (or $PD_SERVE_TRANSFER_TOKEN)")
     g.add_argument("--reserve-tokens", type=int, default=256, help="decode: tokens of headroom kept per admitted transfer")
     cli_config.add_config_arguments(parser)
 
 
-def _read_secret(path: str | None, env: str) -> str | None:
-    if path:
-        with open(path) as f:
-            return f.read().strip() or None
-    return os.environ.get(env) or None
-
-
-def disagg_config(role: str, args: argparse.Namespace, server: ServerConfig) -> DisaggConfig:
+def disagg_config(role: str, args: argparse.Namespace, server: ServerConfig, token: str | None) -> DisaggConfig:
     from pd_serve.transfer import TransferConfig, default_backend
 
     transfer = TransferConfig(
@@ -57,7 +52,7 @@ def disagg_config(role: str, args: argparse.Namespace, server: ServerConfig) -> 
         transfer_timeout=args.transfer_timeout,
         bootstrap_timeout=args.transfer_bootstrap_timeout,
         waiting_timeout=args.transfer_waiting_timeout,
-        token=_read_secret(args.transfer_token_file, "PD_SERVE_TRANSFER_TOKEN"),
+        token=token,
     )
     return DisaggConfig(role=role, transfer=transfer, reserve_tokens=args.reserve_tokens)
 
@@ -72,14 +67,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         args = cli_config.resolve(args, ServerConfigError)
         engine, server = node_cli.configs_from_args(args)
-        disagg = disagg_config(role, args, server)
+        token = read_cluster_token(args.cluster_token_file, ServerConfigError)
+        server = dataclasses.replace(server, cluster_token=token)
+        disagg = disagg_config(role, args, server, token)
         http_url = args.advertise_url or f"http{'s' if server.ssl_certfile else ''}://{server.host}:{server.port}"
         node_id = args.node_id or f"{role}-{server.host}-{server.port}".replace(":", "-")
         registration = Registration(
             bootstrap_url=args.bootstrap,
             node_id=node_id,
             http_url=http_url,
-            token=_read_secret(args.bootstrap_token_file, "PD_SERVE_BOOTSTRAP_TOKEN"),
+            token=token or "",  # "": none, rather than the client's own look at the environment
         )
         if args.print_config:
             return cli_config.print_config(args)
@@ -98,10 +95,12 @@ def build_app(role: str, engine: EngineConfig, server: ServerConfig, disagg: Dis
     """Runs in the Granian worker: the app and its (not yet started) role backend."""
     import logging
 
+    from pd_serve.http_common import warn_if_open
     from pd_serve.server.app import create_app
     from pd_serve.server.roles import DecodeBackend, PrefillBackend
     from pd_serve.server.state import NodeState
 
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_if_open(logging.getLogger(f"pd_serve.{role}"), f"{role} node", server.cluster_token)
     backend_cls = PrefillBackend if role == "prefill" else DecodeBackend
     return create_app(NodeState(server, engine, backend_cls(engine, disagg, registration)))

@@ -184,7 +184,7 @@ class Node(SendPath, ReceivePath):
             return f"backend {msg.backend!r} differs from this engine's {self.plane.name!r}"
         expected = self.config.token
         if expected is not None and not hmac.compare_digest((msg.token or "").encode(), expected.encode()):
-            return "authentication failed: the transfer token does not match (--transfer-token)"
+            return "authentication failed: the cluster token does not match (--cluster-token-file or PD_SERVE_CLUSTER_TOKEN)"
         return None
 
     # ---- room handshake (sender side) ------------------------------------------------------

@@ -38,7 +38,7 @@ def secured(
     if request.param == "file":
         token_file = tmp_path_factory.mktemp("auth") / "token"
         token_file.write_text(TOKEN + "\n")
-        args += ["--auth-token-file", str(token_file)]
+        args += ["--cluster-token-file", str(token_file)]
     else:
         env[TOKEN_ENV] = TOKEN
     proc = BootstrapProcess(args=args, env=env)

@@ -46,7 +46,7 @@ def test_token_from_file_then_env(tmp_path: Path) -> None:
     assert read_token(None, env={TOKEN_ENV: " from-env "}) == "from-env"
     assert read_token(None, env={}) is None
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(BootstrapConfigError, match="--auth-token-file"):
+    with pytest.raises(BootstrapConfigError, match="--cluster-token-file"):
         read_token(tmp_path / "empty")
     with pytest.raises(BootstrapConfigError, match="cannot read"):
         read_token(tmp_path / "missing")
@@ -67,7 +67,7 @@ def test_cli_flags_build_the_config(tmp_path: Path) -> None:
             "1.5",
             "--max-nodes",
             "7",
-            "--auth-token-file",
+            "--cluster-token-file",
             str(token_file),
         ]
     )

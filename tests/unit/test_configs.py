@@ -110,5 +110,9 @@ def test_bad_files_name_key_and_file(
 
 
 def test_api_keys_are_not_printed(capsys: pytest.CaptureFixture[str]) -> None:
-    printed = print_config(capsys, ["frontend", "--decode", "http://d:1", "--api-key", "sekret"])
-    assert printed["api-key"] == "<hidden>"
+    argv = ["frontend", "--decode", "http://d:1", "--api-key", "sekret", "--api-key", "other-key-9", "--node-api-key", "nk"]
+    assert main([*argv, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
+    assert printed["api-key"] == ["<hidden>", "<hidden>"] and printed["node-api-key"] == "<hidden>"
+    assert "sekret" not in out and "other-key-9" not in out

@@ -118,7 +118,7 @@ def test_config_validation_names_the_flag() -> None:
     with pytest.raises(FrontendConfigError, match="not both"):
         FrontendConfig(bootstrap="http://b", decode_urls=("http://d",))
     assert FrontendConfig(bootstrap="http://b:1").static is False
-    assert "secret" not in repr(FrontendConfig(decode_urls=("http://d",), api_key="secret"))
+    assert "secret" not in repr(FrontendConfig(decode_urls=("http://d",), api_keys=("secret",), cluster_token="secret"))
 
 
 def _router(nodes: list[Node], **kw: object) -> tuple[Router, NodeSet]:

@@ -1,0 +1,60 @@
+"""The frontend's per-request limits, checked on the parsed body before any node sees it.
+
+`--max-prompt-chars` bounds the prompt's text in characters (the frontend does not tokenize; nodes
+refuse prompts past their context in tokens); `--max-output-tokens` bounds `max_tokens` and
+`max_completion_tokens`, and is written into a request that asks for neither, so that no request
+can ask a node for more. Values of the wrong type are left to the node, which names them in its 400.
+The body-size limit (`--max-request-bytes`, 413) and the in-flight limits (`load.Admission`) are
+applied before the body is parsed. Nothing here logs a request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pd_serve.frontend.config import FrontendConfig
+from pd_serve.frontend.proxy import prompt_text
+
+_MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+@dataclass(frozen=True)
+class LimitError:
+    """A request over a limit: the 400's message, the field it names and the error code."""
+
+    message: str
+    param: str
+    code: str
+
+
+def check_limits(body: dict[str, Any], config: FrontendConfig) -> LimitError | None:
+    """The first limit `body` breaks, or None."""
+    if config.max_prompt_chars:
+        chars = len(prompt_text(body))
+        if chars > config.max_prompt_chars:
+            param = "messages" if "messages" in body else "prompt"
+            return LimitError(
+                f"{param}: the prompt has {chars} characters, over this frontend's limit of "
+                f"{config.max_prompt_chars} (--max-prompt-chars)",
+                param,
+                "prompt_too_long",
+            )
+    cap = config.max_output_tokens
+    for name in _MAX_TOKEN_FIELDS if cap else ():
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+            return LimitError(
+                f"{name}: {value} is over this frontend's limit of {cap} (--max-output-tokens)",
+                name,
+                "max_tokens_too_large",
+            )
+    return None
+
+
+def cap_output(body: dict[str, Any], config: FrontendConfig) -> bool:
+    """Give a request that names no output limit `max_tokens` = --max-output-tokens; True if it did."""
+    if not config.max_output_tokens or any(body.get(name) is not None for name in _MAX_TOKEN_FIELDS):
+        return False
+    body["max_tokens"] = config.max_output_tokens
+    return True
