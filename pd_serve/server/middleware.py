@@ -15,6 +15,8 @@ constant-time compare.
 
 from __future__ import annotations
 
+import json
+
 import orjson
 
 from pd_serve.http_common import (
@@ -95,11 +97,17 @@ class ClusterPlane:
 
 
 def carries_pd(body: bytes) -> bool:
-    """True when the body is a JSON object with a top-level `pd` key (any value, null included)."""
+    """True when the body is a JSON object with a top-level `pd` key (any value, null included).
+
+    What orjson refuses is parsed again the way the app parses bodies (the standard library, which
+    also takes NaN and Infinity), so no body reaches the app with a `pd` this check did not see."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False  # the app answers 400 for it; it cannot open a room
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return False  # the app answers 400 for it; it cannot open a room
     return isinstance(parsed, dict) and "pd" in parsed
 
 

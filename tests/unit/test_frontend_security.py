@@ -224,16 +224,20 @@ async def _echo(scope: Any, receive: Any, send: Any) -> None:
         ("/v1/completions", {"model": "m", "prompt": "x", "pd": {"room": 2}}, "", 403),
         ("/v1/chat/completions", {**CHAT, "pd": {"room": 1, "prefill": "p", "decode": "d"}}, "tok", 200),
         ("/v1/chat/completions", CHAT, None, 200),  # no pd: a plain request, the API key's business
+        ("/v1/chat/completions", b'{"model": "m", "temperature": NaN, "pd": {"room": 3}}', None, 401),
+        ("/v1/chat/completions", b'{"model": "m", "p\\u0064": {"room": 4}}', "wrong", 403),
         ("/flush_cache", {}, None, 401),
         ("/start_profile", {}, "wrong", 403),
         ("/flush_cache", {}, "tok", 200),
         ("/server_info", {}, None, 200),
     ],
 )
-def test_node_pd_plane_needs_the_cluster_token(path: str, body: dict[str, Any], header: str | None, status: int) -> None:
+def test_node_pd_plane_needs_the_cluster_token(
+    path: str, body: dict[str, Any] | bytes, header: str | None, status: int
+) -> None:
     plane = ClusterPlane(_echo, "tok", 1 << 20)
     headers = {} if header is None else {"x-pd-cluster-token": header}
-    raw = json.dumps(body).encode()
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     call = asyncio.run(Call(plane, path, raw, headers=headers).run())
     assert call.status == status, call.json
     if status == 200:
@@ -242,3 +246,16 @@ def test_node_pd_plane_needs_the_cluster_token(path: str, body: dict[str, Any], 
         error = call.json["error"]
         assert "X-PD-Cluster-Token" in error["message"] and "tok" not in error["message"].split("token")[-1]
         assert error["code"] == ("missing_cluster_token" if status == 401 else "invalid_cluster_token")
+
+
+def test_a_role_without_a_cluster_token_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from pd_serve.http_common import warn_if_open
+
+    log = logging.getLogger("pd_serve.test")
+    with caplog.at_level(logging.WARNING, logger="pd_serve.test"):
+        warn_if_open(log, "prefill node", None)
+        warn_if_open(log, "prefill node", "a-token")
+    assert len(caplog.records) == 1 and "internal plane of this prefill node" in caplog.records[0].getMessage()
+    assert "unauthenticated" in caplog.records[0].getMessage()
