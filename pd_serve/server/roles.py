@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -53,7 +53,7 @@ class Registration:
     bootstrap_url: str | None
     node_id: str
     http_url: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # the cluster token; never logged
 
 
 class _RoleBackend(ColocatedBackend):
