@@ -1,8 +1,16 @@
-"""Per-request sampling parameters, validated on construction."""
+"""Per-request sampling parameters, validated on construction.
+
+Every value that passes here is safe for the engine: floats are finite (the engine messages are
+JSON, where NaN and infinity would arrive as null) and integers fit in 64 bits (the codec's limit).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
 class InvalidParameter(ValueError):
@@ -36,6 +44,18 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        for name in _FLOATS:
+            value = getattr(self, name)
+            _check(math.isfinite(value), name, f"must be a finite number, got {value}")
+        _check(self.max_tokens <= INT64_MAX, "max_tokens", f"must be at most {INT64_MAX}, got {self.max_tokens}")
+        _check(self.top_k is None or self.top_k <= INT64_MAX, "top_k", f"must be at most {INT64_MAX}, got {self.top_k}")
+        _check(
+            self.seed is None or INT64_MIN <= self.seed <= INT64_MAX,
+            "seed",
+            f"must be a 64-bit signed integer ({INT64_MIN}..{INT64_MAX}), got {self.seed}",
+        )
+        bad_id = next((t for t in self.stop_token_ids if not 0 <= t <= INT64_MAX), None)
+        _check(bad_id is None, "stop_token_ids", f"token ids must be in 0..{INT64_MAX}, got {bad_id}")
         _check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")

@@ -4,19 +4,33 @@ Models check types and shapes only; value ranges are `SamplingParams`' job, whos
 `InvalidParameter` names the engine field, mapped back here to the request field the client sent
 (`max_completion_tokens`, `top_logprobs`). Unknown top-level fields are accepted and ignored, as
 OpenAI clients send many; known fields we cannot honour (non-empty `logit_bias`, `echo`, tools) are
-refused with a 400 naming them. Nothing here touches the tokenizer or the engine.
+refused with a 400 naming them. Strings must be valid Unicode (a JSON `\ud800` escape decodes to a
+lone surrogate that neither the tokenizer nor the engine codec can take), and integers the engine
+receives must fit in 64 bits. Nothing here touches the tokenizer or the engine.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pd_serve.engine.sampling_params import InvalidParameter, SamplingParams
+from pd_serve.engine.sampling_params import INT64_MAX, INT64_MIN, InvalidParameter, SamplingParams
 from pd_serve.server.errors import bad_request
 
 MAX_N = 128
+
+
+def _unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains an unpaired surrogate at position {exc.start}; send valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _Body(BaseModel):
@@ -32,19 +46,19 @@ class PDSpec(_Body):
 
     model_config = ConfigDict(extra="forbid")
     room: Annotated[int, Field(ge=0, lt=2**63)]
-    prefill: str
-    decode: str
-    prefill_url: str | None = None  # without a bootstrap service: where the decode node finds the prefill node
+    prefill: Text
+    decode: Text
+    prefill_url: Text | None = None  # without a bootstrap service: where the decode node finds the prefill node
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -57,22 +71,22 @@ class ChatMessage(_Body):
 class _GenerationRequest(_Body):
     """Fields shared by chat and text completions."""
 
-    model: str
+    model: Text
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
     min_p: float = 0.0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    user: str | None = None
+    user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -97,6 +111,8 @@ class _GenerationRequest(_Body):
     def sampling_params(self, max_tokens: int, seed: int | None) -> SamplingParams:
         """Engine parameters for one choice; raises APIError(400) naming the request field."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if seed is not None:  # choice j of n is seeded seed + j: wrap that back into 64 bits
+            seed = (seed - INT64_MIN) % 2**64 + INT64_MIN
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -155,14 +171,14 @@ class ChatCompletionRequest(_GenerationRequest):
         return super().request_param(engine_param)
 
 
-PromptInput = str | list[str] | list[int] | list[list[int]]
+PromptInput = Text | list[Text] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: PromptInput
     logprobs: int | None = None
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
@@ -189,7 +205,7 @@ class CompletionRequest(_GenerationRequest):
 def param_from_location(loc: tuple[int | str, ...]) -> str | None:
     """The request field a pydantic error location points at ('body', 'messages', 0, ...) -> 'messages'."""
     parts = [p for p in loc if p != "body"]
-    if not parts:
+    if not parts or isinstance(parts[0], int):  # ('body', 0): the body is not JSON at all
         return None
     name = str(parts[0])
     for p in parts[1:]:

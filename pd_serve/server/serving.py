@@ -81,6 +81,7 @@ class OpenAIServing:
     def plan(self, req: _GenerationRequest, prompts: Sequence[list[int]], prompt_param: str, rid: str) -> list[PlannedChoice]:
         """One engine request per (prompt, choice); refuses here what the engine would refuse."""
         requested, name = req.requested_max_tokens()
+        self.state.admission.check(len(prompts) * req.n)  # before building thousands of choices for nothing
         planned = []
         for p_idx, ids in enumerate(prompts):
             room = self._check_prompt(ids, prompt_param)

@@ -41,7 +41,15 @@ class Admission:
         self.in_flight = 0
 
     def check(self, n: int) -> None:
-        """Raise the 503 if n more would pass the limit."""
+        """Raise the 503 if n more would pass the limit (a 400 if n alone passes it: retrying cannot help)."""
+        if n > self.limit:
+            raise APIError(
+                400,
+                f"this request needs {n} engine requests (prompts x n), more than this node ever holds: "
+                f"{self.limit} (--max-running-requests + --max-queued-requests); send fewer prompts or a smaller n",
+                param="n",
+                code="too_many_choices",
+            )
         if self.in_flight + n > self.limit:
             raise APIError(
                 503,
