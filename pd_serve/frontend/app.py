@@ -203,6 +203,10 @@ class FrontendApp:
         try:
             raw = await read_body(receive, self.config.max_request_bytes)
         except BodyCut as exc:
+            # also what a malformed body (a bad chunk size) reads as: answer, or Granian sends a bare 500
+            with contextlib.suppress(ClientGone):
+                message = "the request body ended before it was complete (or its chunked encoding is malformed)"
+                await reply(send, 400, error_bytes(400, message, code="incomplete_body"))
             raise ClientGone(str(exc)) from exc
         if raw is None:
             limit = self.config.max_request_bytes
