@@ -4,10 +4,12 @@ Built by the runner for each step from the scheduled chunks: decode sequences (o
 first in the flattened token batch, then extend sequences (a prefill chunk). Each layer's call
 writes the new K/V into the pools at `slot_mapping`, then attends through the page tables.
 
-On CPU the decode path is planned once per step and reused by every layer: sequences are sorted by
-context length and cut into groups of `DECODE_GROUP`, each group's pages are gathered with one
-`index_select` and attended with torch's fused SDPA. The semantics are those of
-`kernels.reference.paged_decode_attention_ref` and `extend_attention_ref`; tests compare them.
+On CPU, float32 decode runs `kernels.cpu_native` (C, reads K/V in place through the page table)
+when it is available; the runner then builds no plan. Otherwise the decode path is planned once per
+step and reused by every layer: sequences are sorted by context length and cut into groups of
+`DECODE_GROUP`, each group's pages are gathered with one `index_select` and attended with torch's
+fused SDPA. The semantics are those of `kernels.reference.paged_decode_attention_ref` and
+`extend_attention_ref`; tests compare them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pd_serve.kernels import ops
+from pd_serve.kernels import cpu_native, ops
 from pd_serve.kernels import reference as ref
 
 DECODE_GROUP = 16  # sequences padded together; small groups waste little on padding
@@ -41,7 +43,7 @@ class AttentionMetadata:
     extend_page_table: torch.Tensor  # [num_extend, max_pages] int32
     extend_query_start: torch.Tensor  # [num_extend + 1] int32, offsets after the decode tokens
     extend_context_lens: torch.Tensor  # [num_extend] int32
-    decode_plan: DecodePlan | None = None  # the CPU path's grouping (None on the kernel path)
+    decode_plan: DecodePlan | None = None  # the grouped-SDPA path's plan (None: kernels or cpu_native)
 
 
 @dataclass
@@ -148,7 +150,11 @@ class PagedAttention:
         num_heads = q.shape[1]
         group = num_heads // kv_heads
         plan = self.meta.decode_plan
-        assert plan is not None
+        if plan is None:
+            m = self.meta
+            cpu_native.paged_decode_attention(q.contiguous(), kp, vp, m.decode_page_table, m.decode_context_lens,
+                                              self.scale, out)
+            return
         k_flat, v_flat = kp.view(kp.shape[0], -1), vp.view(vp.shape[0], -1)
         q_sorted = q.index_select(0, plan.order)
         out_sorted = torch.empty_like(q_sorted)

@@ -17,6 +17,7 @@ from pd_serve.engine.attention import AttentionMetadata, PagedAttention, plan_de
 from pd_serve.engine.kv_cache import KVCache
 from pd_serve.engine.sampler import Sampler, SamplerOutput
 from pd_serve.engine.scheduler import ScheduledChunk, ScheduleOutput
+from pd_serve.kernels import cpu_native
 from pd_serve.model.llama import ForwardBatch, LlamaForCausalLM
 
 
@@ -39,6 +40,10 @@ class ModelRunner:
                 "attention_backend (--attention-backend) 'triton' on CPU runs Triton's interpreter: "
                 "start the process with TRITON_INTERPRET=1"
             )
+        # CPU float32 decode reads the pools in place (kernels.cpu_native) unless it could not be built
+        self.native_decode = (
+            self.kernel_backend is None and cpu_native.supports(device, kv.k_pools[0].dtype)
+        )
         self.page_size = kv.page_size
         self.sampler = Sampler(device)
 
@@ -103,7 +108,7 @@ class ModelRunner:
             extend_page_table=self._page_table(ext),
             extend_query_start=self._int32(starts),
             extend_context_lens=self._int32([c.start + c.num_tokens for c in ext]),
-            decode_plan=None if self.kernel_backend else plan_decode(
+            decode_plan=None if self.kernel_backend or self.native_decode else plan_decode(
                 [c.request.page_ids for c in dec], decode_lens, self.page_size, self.device
             ),
         )

@@ -1,4 +1,4 @@
-"""The engine's CPU attention path (grouped SDPA) against the kernel references, on random pools."""
+"""The engine's CPU attention paths (C decode kernel, grouped SDPA) against the kernel references."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ import pytest
 import torch
 
 from pd_serve.engine.attention import AttentionMetadata, PagedAttention, plan_decode
+from pd_serve.kernels import cpu_native
 from pd_serve.kernels import reference as ref
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["grouped-sdpa", "cpu-native"])
 @pytest.mark.parametrize("page_size,heads,kv_heads", [(7, 8, 2), (16, 4, 4), (1, 8, 1)])
-def test_mixed_decode_and_extend_batch_matches_reference(page_size: int, heads: int, kv_heads: int) -> None:
+def test_mixed_decode_and_extend_batch_matches_reference(page_size: int, heads: int, kv_heads: int,
+                                                         native: bool) -> None:
+    if native and cpu_native.load() is None:
+        pytest.skip("no C compiler: the kernel could not be built")
     rng = random.Random(page_size)
     d, num_pages = 32, 2000
     kp, vp = torch.randn(num_pages, page_size, kv_heads, d), torch.randn(num_pages, page_size, kv_heads, d)
@@ -47,7 +52,8 @@ def test_mixed_decode_and_extend_batch_matches_reference(page_size: int, heads: 
         extend_page_table=table(extend),
         extend_query_start=torch.tensor(starts, dtype=torch.int32),
         extend_context_lens=torch.tensor([sum(seqs[r]) for r in extend], dtype=torch.int32),
-        decode_plan=plan_decode([tables[r] for r in decode], dec_lens, page_size, torch.device("cpu")),
+        decode_plan=None if native else plan_decode([tables[r] for r in decode], dec_lens, page_size,
+                                                    torch.device("cpu")),
     )
     kp2, vp2 = kp.clone(), vp.clone()
     out = PagedAttention([kp], [vp], meta, 0.2).forward(0, q.clone(), k, v)
