@@ -150,7 +150,8 @@ def test_d_the_frontend_with_the_token_serves_end_to_end(cluster: SecureCluster,
     r = httpx.post(f"{cluster.frontend.url}/v1/chat/completions", json=CHAT, timeout=120)
     assert r.status_code == 200, r.text
     assert r.headers["x-pd-prefill"] == cluster.prefill.node_id and r.json()["choices"][0]["message"]["content"]
-    assert TOKEN not in httpx.get(f"{cluster.frontend.url}/nodes", timeout=10).text
+    nodes = httpx.get(f"{cluster.frontend.url}/nodes", timeout=10)
+    assert TOKEN not in nodes.text and nodes.json()["admission"] == {"in_flight": 0, "by_key": {}}
     for node in (cluster.prefill, cluster.decode):
         info = _info(node)
         assert info["server_config"]["cluster_token_set"] is True and TOKEN not in str(info)
