@@ -27,7 +27,7 @@ import orjson
 
 from pd_serve.frontend.config import FrontendConfig
 from pd_serve.frontend.errors import RETRY_AFTER_S, error_bytes
-from pd_serve.frontend.limits import cap_output, check_limits
+from pd_serve.frontend.limits import cap_output, check_limits, param_of, parse_body
 from pd_serve.frontend.load import Admission, Refusal
 from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import NodeSet, watch_bootstrap, watch_static
@@ -222,7 +222,7 @@ class FrontendApp:
             return
         body, problem = parse_body(raw)
         if body is None:
-            await reply(send, 400, error_bytes(400, problem, param=_param_of(problem), code="invalid_value"))
+            await reply(send, 400, error_bytes(400, problem, param=param_of(problem), code="invalid_value"))
             return
         over = check_limits(body, self.config)
         if over is not None:
@@ -304,26 +304,6 @@ async def _disconnected(receive: Receive) -> None:
     """Returns when the client disconnects (the body was read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """The JSON object, or None and what is wrong with it (the 400 message)."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return None, f"the body is not valid JSON: {exc}"
-    if not isinstance(body, dict):
-        return None, "the body must be a JSON object"
-    if "pd" in body:
-        return None, "pd: this field is set by the frontend; leave it out"
-    if not isinstance(body.get("stream", False), bool):
-        return None, "stream: must be true or false"
-    return body, ""
-
-
-def _param_of(problem: str) -> str | None:
-    head = problem.split(":", 1)[0]
-    return head if head in ("pd", "stream") else None
 
 
 def create_app(config: FrontendConfig) -> FrontendApp:

@@ -1,4 +1,5 @@
-"""The frontend's per-request limits, checked on the parsed body before any node sees it.
+"""The frontend's checks of a generation request's body before any node sees it: `parse_body` (a JSON
+object, no `pd`: only the frontend sets it, and nodes trust what the frontend sends), then its limits.
 
 `--max-prompt-chars` bounds the prompt's text in characters (the frontend does not tokenize; nodes
 refuse prompts past their context in tokens); `--max-output-tokens` bounds `max_tokens` and
@@ -13,10 +14,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from pd_serve.frontend.config import FrontendConfig
 from pd_serve.frontend.proxy import prompt_text
 
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def parse_body(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The JSON object, or None and what is wrong with it (the 400 message)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, f"the body is not valid JSON: {exc}"
+    if not isinstance(body, dict):
+        return None, "the body must be a JSON object"
+    if "pd" in body:
+        return None, "pd: this field is set by the frontend; leave it out"
+    if not isinstance(body.get("stream", False), bool):
+        return None, "stream: must be true or false"
+    return body, ""
+
+
+def param_of(problem: str) -> str | None:
+    """The field a `parse_body` problem names, if any."""
+    head = problem.split(":", 1)[0]
+    return head if head in ("pd", "stream") else None
 
 
 @dataclass(frozen=True)
