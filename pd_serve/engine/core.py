@@ -311,7 +311,8 @@ class EngineCore:
         )
 
     def _transfer_stats(self) -> dict[str, Any]:
-        side = self.prefill_side or self.decode_side
+        # not `or`: an idle side is falsy (it has a __len__), and its counters must still show
+        side = self.prefill_side if self.prefill_side is not None else self.decode_side
         if side is None:
             return {}
         return {

@@ -75,6 +75,17 @@ def test_disaggregated_output_equals_colocated(pair) -> None:
         assert s.num_free_pages == s.num_total_pages and s.num_in_transfer == 0
 
 
+def test_idle_engines_still_report_their_room_and_transfer_counters(pair) -> None:
+    p, d, _ = pair  # after the 4 rooms of the test above, with nothing in flight
+    assert not p.has_unfinished() and not d.has_unfinished()
+    ps, ds = p.stats(), d.stats()
+    assert ps.rooms_succeeded >= 4 and ds.rooms_succeeded >= 4
+    assert ps.kv_pages_sent > 0 and ds.kv_pages_received > 0
+    assert ps.transfer["sent_bytes"] > 0 and ds.transfer["received_bytes"] > 0
+    assert ps.transfer["live_senders"] == 0 and ds.transfer["live_receivers"] == 0
+    assert ps.num_requests == 0 and ds.num_requests == 0
+
+
 def test_prompt_mismatch_fails_the_room_on_both_sides(pair) -> None:
     p, d, _ = pair
     params = SamplingParams(max_tokens=4, temperature=0)
