@@ -225,13 +225,7 @@ def bearer_value(scope: Scope) -> bytes | None:
 
 def bearer_ok(scope: Scope, token: bytes | None) -> bool:
     """True when no token is set, or the request's `Authorization: Bearer` value equals it."""
-    if token is None:
-        return True
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, given = value.partition(b" ")
-            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
-    return False
+    return token_ok(bearer_value(scope), token)
 
 
 async def read_body(receive: Receive, max_bytes: int) -> bytes | None:
