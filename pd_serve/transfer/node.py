@@ -301,7 +301,12 @@ class Node(SendPath, ReceivePath):
             now = time.monotonic()
             for room in [*self.receivers.values(), *self.senders.values()]:
                 if room.expired(now):
-                    self.fail(room, room.timeout_reason(), notify=True)
+                    reason = room.timeout_reason()
+                    self.fail(room, reason, notify=True)
+                    if room.inflight_writes and room.conn is not None:
+                        # a payload stuck mid-read (a stopped peer) would keep the room Transferring
+                        # and its pages held: the stream cannot be resynchronised, so cut it
+                        room.conn.close(f"room {room.room} {reason} in the middle of a Data payload")
             for room_id, (conn, _, deadline) in list(self.pending.items()):
                 if now > deadline:
                     del self.pending[room_id]
