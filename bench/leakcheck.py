@@ -3,9 +3,9 @@
 Per node (`GET /server_info`, its `idle` object): free KV pages equal total pages (prefix-cached pages
 count as free: they are evictable), and the engine's requests, running and waiting requests, rooms,
 the transfer engine's live sender/receiver rooms and early room requests, the API process's admitted
-requests and open streams are all 0. Per frontend: `GET /nodes` shows no active request on any node,
-and every gauge of its /metrics whose name says it counts requests in flight (`active`, `in_flight`)
-is 0 in every label set (per node, per API key).
+requests and open streams are all 0. Per frontend: `GET /nodes` shows no active request on any node
+and no admitted request (in all and per API key), and every gauge of its /metrics whose name says it
+counts requests in flight (`active`, `in_flight`) is 0 in every label set.
 
 `wait_idle` polls until everything is idle or the timeout passes (the rooms of a fault end through
 their transfer timeouts, so give at least the longest one), then returns the list of leaks, each
@@ -92,11 +92,20 @@ def in_flight_gauges(metrics_text: str) -> dict[str, float]:
 
 def frontend_leaks(url: str, headers: dict[str, str] | None = None) -> list[Leak]:
     try:
-        nodes = json.loads(_get(f"{url}/nodes", headers))["nodes"]
+        body = json.loads(_get(f"{url}/nodes", headers))
         metrics = _get(f"{url}/metrics", headers).decode()
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         return [Leak("frontend", f"unreachable ({exc})", 1, 0)]
+    nodes = body.get("nodes", [])
     leaks = [Leak("frontend", f"active[{n['node_id']}]", n["active"], 0) for n in nodes if n.get("active")]
+    admission = body.get("admission") or {}
+    if admission.get("in_flight"):
+        leaks.append(Leak("frontend", "admission.in_flight", admission["in_flight"], 0))
+    leaks += [
+        Leak("frontend", f"admission.by_key[{k}]", v, 0)
+        for k, v in (admission.get("by_key") or {}).items()
+        if v
+    ]
     leaks += [Leak("frontend", sample, v, 0) for sample, v in in_flight_gauges(metrics).items() if v]
     return leaks
 
