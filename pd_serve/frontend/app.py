@@ -10,7 +10,8 @@ request then passes, in order: the in-flight limits (`load.Admission`: 503 past
 body is read), the body size (413), JSON checks (400) and the request limits (`limits`, 400); its
 admission slot is released on every path. Every request to a node carries the cluster token
 (`X-PD-Cluster-Token`) when one is set.
-The lifespan opens the one shared upstream `httpx.AsyncClient` and starts the node watcher. Every
+The lifespan opens the relay's node connections (`proxy.node_pool`), an `httpx.AsyncClient` for
+the rest (probes, /v1/models, /flush_cache), and starts the node watcher. Every
 error leaves as OpenAI-shaped JSON; an unexpected exception is logged with its stack, never sent.
 A generation request runs as a task that is cancelled when the client disconnects.
 """
@@ -31,7 +32,7 @@ from pd_serve.frontend.limits import cap_output, check_limits, param_of, parse_b
 from pd_serve.frontend.load import Admission, Refusal
 from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import NodeSet, watch_bootstrap, watch_static
-from pd_serve.frontend.proxy import ClientGone, Relay, reply, send_checked
+from pd_serve.frontend.proxy import ClientGone, Relay, node_pool, reply, send_checked
 from pd_serve.frontend.router import Router
 from pd_serve.http_common import (
     BEARER_CHALLENGE,
@@ -86,7 +87,7 @@ class FrontendApp:
     async def start(self) -> None:
         warn_if_open(log, "frontend", self.config.cluster_token)
         self.http = upstream_client(self.config)
-        self.relay = Relay(self.config, self.nodes, self.router, self.http, self.metrics)
+        self.relay = Relay(self.config, self.nodes, self.router, node_pool(self.config), self.metrics)
         if self.config.bootstrap:
             watcher = watch_bootstrap(self.nodes, self.config.bootstrap, self.config.cluster_token)
         else:

@@ -19,6 +19,10 @@ errors (4xx but 429) are relayed, never retried. Once a byte reached the client 
 a stream broken by D ends with an error event. The status line is held back until D's first SSE
 event is known not to be an error, so an early error event is still retryable.
 
+Both upstream requests go through an `upstream.Upstream` (in the app, `NodePool`: keep-alive HTTP/1.1
+on asyncio streams, chosen over httpx for its per-request cost). D's body is the client's raw bytes
+with the `pd` object spliced in before the closing brace, not a re-encoding of the parsed body.
+
 Cancellation: the caller runs `serve` as a task and cancels it when the client disconnects; every
 path (success, failure, retry, cancel) closes D's response, cancels P's request unless it succeeded
 already, and releases both nodes' load guards and breaker probe slots.
@@ -43,6 +47,7 @@ from pd_serve.frontend.errors import RETRY_AFTER_S, error_bytes, sse_error
 from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import Node, NodeSet
 from pd_serve.frontend.router import Choice, NoPair, Router
+from pd_serve.frontend.upstream import NodePool, Response, Upstream, UpstreamError, as_upstream
 from pd_serve.http_common import Headers, Message, Send
 from pd_serve.http_common import reply as send_reply
 
@@ -84,7 +89,7 @@ class PrefillResult:
 class Opened:
     """D answered 200: its response, the bytes read so far (a whole JSON body, or the first event)."""
 
-    response: httpx.Response
+    response: Response
     head: bytes
     rest: AsyncIterator[bytes] | None  # None: not a stream, `head` is the whole body
 
@@ -102,15 +107,17 @@ class Relay:
         config: FrontendConfig,
         nodes: NodeSet,
         router: Router,
-        http: httpx.AsyncClient,
+        upstream: Upstream | httpx.AsyncClient,
         metrics: FrontendMetrics,
     ) -> None:
         self.config = config
         self.nodes = nodes
         self.router = router
-        self.http = http
+        self.upstream = as_upstream(upstream)
         self.metrics = metrics
-        self.headers = {"content-type": "application/json", **config.node_headers}
+        self.headers = [(b"content-type", b"application/json")] + [
+            (k.lower().encode(), v.encode()) for k, v in config.node_headers.items()
+        ]
         self._background: set[asyncio.Task[Any]] = set()
 
     async def serve(self, path: str, body: dict[str, Any], raw: bytes, send: Send) -> None:
@@ -172,14 +179,17 @@ class Relay:
             pd: dict[str, Any] = {"room": secrets.randbits(63), "prefill": p.node_id, "decode": d.node_id}
             if self.config.static:
                 pd["prefill_url"] = p.url
-            d_body = orjson.dumps({**body, "pd": pd})
-            p_task = asyncio.create_task(self._prefill(p, path, d_body), name=f"prefill-{pd['room']}")
+            d_body = with_pd(raw, bool(body), pd)
         guard = self.nodes.load.acquire(d.node_id)
         self.metrics.node_requests.labels(node=d.node_id, role=d.role).inc()
         breaker = self.nodes.breaker(d.node_id)
+        # D's request leaves first: its KV receiver reaching P is what P's prefill waits for
+        d_task = asyncio.create_task(self._open_decode(d, path, d_body))
+        if p is not None:
+            p_task = asyncio.create_task(self._prefill(p, path, d_body))
         delivered = False
         try:
-            started = await self._open(d, p, path, d_body, p_task)
+            started = await self._open(d, p, d_task, p_task)
             if isinstance(started, Failure):
                 return started
             extra = [
@@ -207,10 +217,9 @@ class Relay:
         self.metrics.node_requests.labels(node=p.node_id, role=p.role).inc()
         with self.nodes.load.acquire(p.node_id):
             try:
-                r = await self.http.post(p.url + path, content=payload, headers=self.headers)
-                result = PrefillResult(r.status_code, r.content)
-            except httpx.HTTPError as exc:
-                result = PrefillResult(0, b"", f"{type(exc).__name__}: {exc}")
+                result = PrefillResult(*await self.upstream.post(p.url + path, payload, self.headers))
+            except UpstreamError as exc:
+                result = PrefillResult(0, b"", str(exc))
             except asyncio.CancelledError:
                 breaker.release()
                 raise
@@ -224,10 +233,13 @@ class Relay:
         return result
 
     async def _open(
-        self, d: Node, p: Node | None, path: str, payload: bytes, p_task: asyncio.Task[PrefillResult] | None
+        self,
+        d: Node,
+        p: Node | None,
+        d_task: asyncio.Task[Opened | tuple[int, bytes, str]],
+        p_task: asyncio.Task[PrefillResult] | None,
     ) -> Opened | Failure:
         """D's status and first event, raced against P failing; a Failure when the attempt is lost."""
-        d_task = asyncio.create_task(self._open_decode(d, path, payload))
         try:
             if p is not None and p_task is not None:
                 await asyncio.wait({d_task, p_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -248,25 +260,26 @@ class Relay:
         return self._decode_failure(d, status, body, detail)
 
     async def _open_decode(self, d: Node, path: str, payload: bytes) -> Opened | tuple[int, bytes, str]:
-        request = self.http.build_request("POST", d.url + path, content=payload, headers=self.headers)
         try:
-            response = await self.http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            return 0, b"", f"{type(exc).__name__}: {exc}"
+            response = await self.upstream.open(d.url + path, payload, self.headers)
+        except UpstreamError as exc:
+            return 0, b"", str(exc)
         try:
-            if response.status_code != 200:
-                return response.status_code, await response.aread(), ""
-            if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                return Opened(response, await response.aread(), None)
-            chunks = response.aiter_raw()
+            if response.status != 200:
+                status, content = response.status, await response.read()
+                await response.aclose()
+                return status, content, ""
+            if not (response.header(b"content-type") or b"").startswith(b"text/event-stream"):
+                return Opened(response, await response.read(), None)
+            chunks = response.chunks()
             head = await _first_event(chunks)
             if _is_error_event(head):
                 await response.aclose()
                 return 502, _event_payload(head), ""
             return Opened(response, head, chunks)
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             await response.aclose()
-            return 0, b"", f"{type(exc).__name__}: {exc}"
+            return 0, b"", str(exc)
         except BaseException:
             await response.aclose()
             raise
@@ -304,13 +317,11 @@ class Relay:
     ) -> None:
         response = opened.response
         try:
-            headers = [
-                (k.lower(), v) for k, v in response.headers.raw if k.lower() not in _HOP_HEADERS
-            ] + extra
+            headers = [(k, v) for k, v in response.headers if k not in _HOP_HEADERS] + extra
             if opened.rest is None:
                 headers.append((b"content-length", str(len(opened.head)).encode()))
             await send_checked(
-                send, {"type": "http.response.start", "status": response.status_code, "headers": headers}
+                send, {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             await self._chunk(send, opened.head, timing, more=opened.rest is not None)
             if opened.rest is None:
@@ -318,10 +329,10 @@ class Relay:
             try:
                 async for chunk in opened.rest:
                     await self._chunk(send, chunk, timing, more=True)
-            except httpx.HTTPError as exc:
+            except UpstreamError as exc:
                 self.nodes.breaker(d.node_id).failure()
                 self.metrics.node_failures.labels(node=d.node_id, kind="decode_stream").inc()
-                message = f"decode node {d.node_id} broke the stream: {type(exc).__name__}"
+                message = f"decode node {d.node_id} broke the stream: {exc}"
                 await send_checked(
                     send,
                     {
@@ -350,6 +361,19 @@ class Relay:
     async def aclose(self) -> None:
         for task in list(self._background):
             task.cancel()
+        await self.upstream.aclose()
+
+
+def node_pool(config: FrontendConfig) -> NodePool:
+    """The relay's connections to the nodes: `--connect-timeout` to connect, `--upstream-timeout` per read."""
+    return NodePool(config.connect_timeout, config.upstream_timeout)
+
+
+def with_pd(raw: bytes, nonempty: bool, pd: dict[str, Any]) -> bytes:
+    """The client's JSON object `raw` (checked already, without a `pd` key) with `"pd": pd` added last."""
+    end = raw.rstrip()
+    assert end.endswith(b"}"), "parse_body lets only JSON objects through"
+    return b"".join((end[:-1], b',"pd":' if nonempty else b'"pd":', orjson.dumps(pd), b"}"))
 
 
 def prompt_text(body: dict[str, Any]) -> str:
@@ -383,7 +407,7 @@ async def _first_event(chunks: AsyncIterator[bytes]) -> bytes:
         head += chunk
         if b"\n\n" in head or b"\r\n\r\n" in head:
             return head
-    raise httpx.RemoteProtocolError("the decode node's stream ended before its first event")
+    raise UpstreamError("the decode node's stream ended before its first event")
 
 
 def _event_payload(head: bytes) -> bytes:
