@@ -236,6 +236,8 @@ class RawResponse:
         self._chunked = (self.header(b"transfer-encoding") or b"").lower().endswith(b"chunked")
         length = self.header(b"content-length")
         self._left = int(length) if length is not None and not self._chunked else -1  # -1: not by length
+        if self.status in (204, 304):  # never a body, whatever the headers say
+            self._chunked, self._left = False, 0
         self._reusable = (self._chunked or self._left >= 0) and (
             (self.header(b"connection") or b"").lower() != b"close"
         )

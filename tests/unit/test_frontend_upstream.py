@@ -165,3 +165,19 @@ def test_refused_connections_and_silent_nodes_are_upstream_errors() -> None:
         await pool.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_204_has_no_body_and_keeps_its_connection() -> None:
+    async def empty(head: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        return True
+
+    async def scenario() -> None:
+        async with Server(empty) as server:
+            pool = _pool(read_timeout=2.0)  # a body awaited until the connection ends would time out
+            for _ in range(2):
+                assert await pool.post(server.url + "/", b"{}", []) == (204, b"")
+            await pool.aclose()
+        assert server.connections == 1
+
+    asyncio.run(scenario())
