@@ -172,9 +172,12 @@ class DecodeBackend(_RoleBackend):
         self.check_pd(pd)
         spec = None
         if pd is not None:
-            endpoint, problem = await self._peer_endpoint(pd)
+            endpoint, problem, retryable = await self._peer_endpoint(pd)
             if endpoint is None:
-                yield m.RequestDelta(request_id, [], "", True, "abort", error=problem, error_param="pd")
+                # a registry that cannot answer now is the cluster's problem (503, the frontend tries
+                # another pair), not a bad request
+                param = None if retryable else "pd"
+                yield m.RequestDelta(request_id, [], "", True, "abort", error=problem, error_param=param)
                 return
             spec = m.PDSpec(pd.room, endpoint)
         async for delta in self.client.generate(request_id, prompt_ids, params, pd=spec):
@@ -182,29 +185,35 @@ class DecodeBackend(_RoleBackend):
                 self._peers.invalidate(pd.prefill)  # a restarted prefill node listens on a new port
             yield delta
 
-    async def _peer_endpoint(self, pd: PDSpec) -> tuple[str | None, str]:
-        """The prefill node's transfer endpoint, or None and why not."""
+    async def _peer_endpoint(self, pd: PDSpec) -> tuple[str | None, str, bool]:
+        """The prefill node's transfer endpoint, or None, why not and whether a retry may work. With
+        the bootstrap service unreachable, the last record seen for the node is used."""
         if pd.prefill_url:
             try:
                 r = await self._http.get(pd.prefill_url.rstrip("/") + "/server_info")
                 r.raise_for_status()
                 endpoint = r.json().get("transfer_endpoint")
             except (httpx.HTTPError, ValueError) as exc:
-                return None, f"prefill node {pd.prefill_url}: /server_info failed: {exc}"
+                return None, f"prefill node {pd.prefill_url}: /server_info failed: {exc}", True
             if not endpoint:
-                return None, f"prefill node {pd.prefill_url} reports no transfer endpoint (is it a prefill node?)"
-            return str(endpoint), ""
-        from pd_serve.bootstrap.client import BootstrapError, PeerCache
+                return None, f"prefill node {pd.prefill_url} reports no transfer endpoint (is it a prefill node?)", False
+            return str(endpoint), "", True
+        from pd_serve.bootstrap.client import BootstrapError, NodeNotFound, PeerCache
 
         if self._peers is None:
             self._peers = PeerCache(self._bootstrap)
         try:
             record = await self._peers.get(pd.prefill)
+        except NodeNotFound as exc:
+            return None, f"prefill node {pd.prefill!r} is not in the bootstrap registry: {exc}", True
         except BootstrapError as exc:
-            return None, f"prefill node {pd.prefill!r} is not in the bootstrap registry: {exc}"
+            stale = self._peers.cached(pd.prefill)
+            if stale is None:
+                return None, f"prefill node {pd.prefill!r}: the bootstrap registry cannot answer: {exc}", True
+            record = stale
         if record.role != "prefill" or not record.transfer:
-            return None, f"node {pd.prefill!r} is a {record.role} node, not a prefill node"
+            return None, f"node {pd.prefill!r} is a {record.role} node, not a prefill node", False
         problem = _layout_difference(self.info["layout"], record.layout.model_dump(), pd.prefill)
         if problem is not None:
-            return None, f"incompatible KV layout: {problem}"
-        return record.transfer[0].address, ""
+            return None, f"incompatible KV layout: {problem}", False
+        return record.transfer[0].address, "", True
