@@ -74,9 +74,16 @@ def process_tree(root: int, children: dict[int, list[int]]) -> list[tuple[int, i
 KINDS = {0: "main", 1: "worker", 2: "engine"}  # a node: supervisor -> Granian worker -> engine
 
 
-def label(child: str, depth: int, index: int) -> str:
-    kind = KINDS.get(depth, f"depth{depth}")
+def label(child: str, depth: int, index: int, cmdline: str = "") -> str:
+    kind = "tracker" if "resource_tracker" in cmdline else KINDS.get(depth, f"depth{depth}")
     return f"{child}/{kind}" + (f"-{index}" if index else "")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
 
 
 @dataclass
@@ -88,6 +95,7 @@ class MemorySampler:
     series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # label -> (t_s, MiB)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _cmdlines: dict[int, str] = field(default_factory=dict)
     t0: float = field(default_factory=time.monotonic)
 
     def start(self) -> MemorySampler:
@@ -104,14 +112,20 @@ class MemorySampler:
         now = time.monotonic() - self.t0
         children = _children_map()
         for name, info in self.cluster.children().items():
-            seen: Counter[int] = Counter()
+            seen: Counter[str] = Counter()
             for pid, depth in process_tree(int(info["pid"]), children):
                 mib = rss_mib(pid)
                 if mib is None:
                     continue
-                key = label(name, depth, seen[depth])
-                seen[depth] += 1
+                base = label(name, depth, 0, self._cmdline(pid))
+                key = label(name, depth, seen[base], self._cmdline(pid))
+                seen[base] += 1
                 self.series.setdefault(key, []).append((now, mib))
+
+    def _cmdline(self, pid: int) -> str:
+        if pid not in self._cmdlines:
+            self._cmdlines[pid] = cmdline(pid)
+        return self._cmdlines[pid]
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -189,6 +189,12 @@ class Traffic:
             self.record(Outcome("hang"), f"client threads still running after {limit:.0f} s: {alive}")
         return self.outcomes
 
+    def __enter__(self) -> Traffic:
+        return self  # started already (`Traffic(...).start()`)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # also when the block failed: no client may outlive it
+
     def record(self, out: Outcome, example: str = "") -> None:
         with self._lock:
             self.outcomes[out.kind] += 1

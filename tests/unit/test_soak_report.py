@@ -82,6 +82,8 @@ def test_process_tree_and_labels() -> None:
     assert process_tree(10, children) == [(10, 0), (11, 1), (12, 2), (13, 2)]
     assert label("decode-0", 2, 0) == "decode-0/engine"
     assert label("decode-0", 2, 1) == "decode-0/engine-1"
+    tracker = "python -c from multiprocessing.resource_tracker import main;main(7)"
+    assert label("decode-0", 2, 0, tracker) == "decode-0/tracker"
 
 
 def test_in_flight_gauges_and_leak_report() -> None:
