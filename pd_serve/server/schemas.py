@@ -102,6 +102,9 @@ class _GenerationRequest(_Body):
     def requested_logprobs(self) -> int | None:
         return None
 
+    def num_prompts(self) -> int:
+        return 1
+
     def check_supported(self) -> None:
         if self.logit_bias:
             raise bad_request("logit_bias", "logit_bias is not supported; send it empty or leave it out")
@@ -191,6 +194,10 @@ class CompletionRequest(_GenerationRequest):
             raise bad_request("suffix", "suffix is not supported by this server")
         if isinstance(self.prompt, list) and not self.prompt:
             raise bad_request("prompt", "prompt must not be an empty list")
+
+    def num_prompts(self) -> int:
+        p = self.prompt
+        return 1 if isinstance(p, str) or all(isinstance(x, int) for x in p) else len(p)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts, each a string or token ids."""

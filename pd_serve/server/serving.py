@@ -76,12 +76,12 @@ class OpenAIServing:
             )
         self.state.backend.check_pd(req.pd)
         req.check_supported()
+        self.state.admission.check(req.num_prompts() * req.n)  # before tokenizing thousands of prompts for nothing
 
     # ---- planning ------------------------------------------------------------------------------
     def plan(self, req: _GenerationRequest, prompts: Sequence[list[int]], prompt_param: str, rid: str) -> list[PlannedChoice]:
         """One engine request per (prompt, choice); refuses here what the engine would refuse."""
         requested, name = req.requested_max_tokens()
-        self.state.admission.check(len(prompts) * req.n)  # before building thousands of choices for nothing
         planned = []
         for p_idx, ids in enumerate(prompts):
             room = self._check_prompt(ids, prompt_param)

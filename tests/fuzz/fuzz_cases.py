@@ -152,6 +152,9 @@ _COMPLETION_CASES: dict[str, tuple[bytes, str | None]] = {
     # regression: 2000 prompts x n=128 asked for more engine requests than the node ever admits:
     # a 503 with Retry-After, which no retry could ever pass
     "prompts-times-n-over-the-limit": completion("n", prompt=["a"] * 2000, n=128),
+    # regression: the limit was checked after tokenizing every prompt: 200000 one-letter prompts
+    # (1.2 MB) kept the node's tokenizer thread busy for minutes
+    "prompts-200000": completion("n", prompt=["a"] * 200_000),
     "logprobs-huge": completion("logprobs", logprobs=10**9),
     "logprobs-bool": completion(None, logprobs=True),
     "echo-set": completion("echo", echo=True),
@@ -208,3 +211,14 @@ def raw_requests(port: int) -> dict[str, tuple[bytes, bool]]:
         "not-http": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, False),
         "headers-only-then-hang-up": (head + f"Content-Length: {len(body)}\r\n\r\n".encode(), True),
     }
+
+
+# Sent again over HTTP/2 (h2c with prior knowledge): Granian's other protocol path into the same apps.
+# Not the oversized body: the server answers 413 and ends the stream while the client still sends,
+# which httpx's h2 client reports as its own protocol error.
+H2_CASE_IDS = frozenset({
+    "deep-array-100000", "invalid-utf8", "not-json", "empty", "temperature-Infinity", "seed-2**64",
+    "content-lone-surrogate", "null-everywhere", "stop-10000-strings", "prompts-times-n-over-the-limit",
+    "wrong-content-type", "prompt-id-2**64",
+})
+H2_CASES = [c for c in CASES if c.id in H2_CASE_IDS]

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fuzz_cases import CASES, CHAT, COMPLETIONS, Case, raw_requests
+from fuzz_cases import CASES, CHAT, COMPLETIONS, H2_CASES, Case, raw_requests
 from fuzz_strategies import hostile, openai_request
 from fuzz_support import (
     Stack,
@@ -79,6 +79,13 @@ def test_routes_methods_and_headers(frontend_http: httpx.Client, method: str, pa
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_case(frontend_http: httpx.Client, case: Case) -> None:
     post_case(frontend_http, case)
+
+
+def test_hostile_cases_over_http2(stack: Stack, frontend_http: httpx.Client) -> None:
+    assert len(H2_CASES) == 12
+    with httpx.Client(base_url=stack.frontend.url, http1=False, http2=True, timeout=180) as h2:
+        for case in H2_CASES:
+            assert post_case(h2, case).http_version == "HTTP/2"
 
 
 def test_raw_http(stack: Stack, frontend_http: httpx.Client) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fuzz_cases import CASES, CHAT, COMPLETIONS, Case, raw_requests
+from fuzz_cases import CASES, CHAT, COMPLETIONS, H2_CASES, Case, raw_requests
 from fuzz_strategies import hostile, openai_request
 from fuzz_support import (
     MODEL,
@@ -87,6 +87,13 @@ def test_routes_and_methods(node_http: httpx.Client, method: str, path: str) -> 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_case(node_http: httpx.Client, case: Case) -> None:
     post_case(node_http, case)
+
+
+def test_hostile_cases_over_http2(stack: Stack, node_http: httpx.Client) -> None:
+    assert len(H2_CASES) == 12
+    with httpx.Client(base_url=stack.node.url, http1=False, http2=True, timeout=180) as h2:
+        for case in H2_CASES:
+            assert post_case(h2, case).http_version == "HTTP/2"
 
 
 def test_raw_http(stack: Stack, node_http: httpx.Client) -> None:
