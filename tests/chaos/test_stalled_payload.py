@@ -76,7 +76,9 @@ def test_room_stuck_mid_payload_fails_and_the_connection_is_cut() -> None:
         receiver = engine.receiver(7, endpoint, [3, 4], 8, "hash")
         deadline = time.monotonic() + 20
         while receiver.poll() is not RoomState.FAILED:
-            assert time.monotonic() < deadline, f"room still {receiver.poll()} with the peer stalled mid-payload"
+            assert time.monotonic() < deadline, (
+                f"room still {receiver.poll()} with the peer stalled mid-payload"
+            )
             time.sleep(0.05)
         assert "timed out" in (receiver.failure_reason or "")
         assert closed.wait(10), "the stalled connection was not cut"
