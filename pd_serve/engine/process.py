@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+import orjson
 import zmq
 
 from pd_serve.config import DisaggConfig, EngineConfig
@@ -97,7 +98,13 @@ class EngineLoop:
             else:
                 timeout = int(HEARTBEAT_S * 1000)
             while poller.poll(timeout):
-                if not self._handle(m.decode(self.inp.recv())):
+                data = self.inp.recv()
+                try:
+                    msg = m.decode(data)
+                except (ValueError, KeyError, TypeError) as exc:  # one bad message fails its request, not the engine
+                    self._refuse(data, exc)
+                    continue
+                if not self._handle(msg):
                     return
                 timeout = 0
             if self.core.has_unfinished():
@@ -131,6 +138,18 @@ class EngineLoop:
             self._abort_all()
             return False
         return True
+
+    def _refuse(self, data: bytes, exc: Exception) -> None:
+        """Answer an undecodable message: its request (if one can be named) finishes with the error."""
+        log.error("engine: dropped a message it cannot decode (%s: %s)", type(exc).__name__, exc)
+        try:
+            request_id = orjson.loads(data)["body"]["request_id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if isinstance(request_id, str):
+            delta = m.RequestDelta(request_id, [], "", finished=True, finish_reason="abort",
+                                   error=f"the engine could not decode the request: {type(exc).__name__}: {exc}")
+            self.out.send(m.encode(m.StepOutputs([delta])))
 
     def _profile(self, msg: m.StartProfile | m.StopProfile) -> m.Reply:
         if isinstance(msg, m.StartProfile):

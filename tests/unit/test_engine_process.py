@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import orjson
 import pytest
 
 from pd_serve import LLM, SamplingParams
@@ -51,6 +52,16 @@ def test_engine_process_matches_offline_and_cleans_up(demo_dir: Path) -> None:
             bad = await _collect(client, "bad", [5] * 10, SamplingParams(max_tokens=5000))
             assert bad[-1].finish_reason == "abort" and bad[-1].error_param == "max_tokens"
             assert "--max-model-len" in (bad[-1].error or "")
+            assert client.alive
+            # a message the engine cannot decode fails its request, not the engine
+            queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
+            client._queues["garbled"] = queue
+            await client._in.send(orjson.dumps({"type": "AddRequest", "body": {"request_id": "garbled", "sampling": 7}}))
+            await client._in.send(b"not json at all")
+            garbled = await asyncio.wait_for(queue.get(), 10)
+            assert garbled.finished and "could not decode" in (garbled.error or "")
+            again = await _collect(client, "after", prompts[0], params)
+            assert [t for d in again for t in d.new_token_ids] == offline[0].token_ids
             assert client.alive
             # kill -9 of the engine: open requests end with an error, alive turns false
             pending = asyncio.ensure_future(_collect(client, "doomed", prompts[0], SamplingParams(max_tokens=2000, ignore_eos=True)))
