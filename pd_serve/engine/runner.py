@@ -42,7 +42,9 @@ class ModelRunner:
             )
         # CPU float32 decode reads the pools in place (kernels.cpu_native) unless it could not be built
         self.native_decode = (
-            self.kernel_backend is None and cpu_native.supports(device, kv.k_pools[0].dtype)
+            self.kernel_backend is None
+            and cpu_native.supports(device, kv.k_pools[0].dtype, model.config.head_dim,
+                                    model.config.num_heads // model.config.num_kv_heads)
         )
         self.page_size = kv.page_size
         self.sampler = Sampler(device)

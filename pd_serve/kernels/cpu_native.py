@@ -4,10 +4,11 @@ Torch has no op that attends through a page table, so the CPU path otherwise cop
 sequence's pages into a contiguous buffer (index_select) before SDPA: the whole KV context crosses
 memory three times per layer per step. This kernel reads K and V in place through the page table,
 once each: for one (sequence, KV head) it scores the query heads that share the head against every
-context token, softmaxes, and accumulates V. Work is split over (sequence, KV head) with OpenMP.
+context token, softmaxes, and accumulates V. Work is split over (sequence, KV head) with OpenMP
+(the library links the libgomp torch has loaded, so the two share one thread pool).
 
 It is a plain shared library with no torch headers, so the build takes about a second:
-`cc -O3 -march=native -fopenmp -shared -fPIC`, once per machine, into `$PD_SERVE_CACHE/kernels/`
+`cc -O3 -march=native -fopenmp -shared -fPIC`, once per machine and model shape, into `$PD_SERVE_CACHE/kernels/`
 (default `~/.cache/pd-serve/kernels/`), named by a hash of the source, the flags and the CPU, and
 renamed into place atomically so that concurrent processes can race safely. Without a C compiler,
 or when the build fails, `load()` returns None once with a warning, and the engine keeps its
@@ -41,56 +42,70 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-/* q [b, H, D], k_pool/v_pool [P, S, KH, D], page_table [b, pt_stride] int32, ctx [b] int32,
-   out [b, H, D]; query head j reads KV head j / (H / KH). Returns 0, or 1 if out of memory. */
+/* HEAD_DIM and GROUP (query heads per KV head) are compile-time constants: one build per model shape. */
 int paged_decode_f32(const float *q, const float *k_pool, const float *v_pool, const int32_t *page_table,
-                     int64_t pt_stride, const int32_t *ctx, float *out, int64_t b, int64_t H, int64_t KH,
-                     int64_t D, int64_t S, float scale, int nthreads) {
-    const int64_t G = H / KH;
+                     int64_t pt_stride, const int32_t *ctx, float *out, int64_t b, int64_t KH, int64_t S,
+                     float scale, int nthreads) {
+    const int64_t H = KH * GROUP, row = KH * HEAD_DIM;
     int64_t max_len = 1;
     for (int64_t s = 0; s < b; s++) max_len = ctx[s] > max_len ? ctx[s] : max_len;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(G * max_len));
-        float *acc = malloc(sizeof(float) * (size_t)(G * D));
-        if (!scores || !acc) failed = 1;
+        float *scores = malloc(sizeof(float) * (size_t)(GROUP * max_len));
+        if (!scores) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < b * KH; item++) {
             if (failed) continue;
-            const int64_t s = item / KH, h = item % KH, len = ctx[s];
+            const int64_t s = item / KH, h = item % KH, len = ctx[s], npages = (len + S - 1) / S;
             const int32_t *pages = page_table + s * pt_stride;
-            const float *qs = q + (s * H + h * G) * D;
-            for (int64_t t = 0; t < len; t++) {
-                const float *kt = k_pool + (((int64_t)pages[t / S] * S + t % S) * KH + h) * D;
-                for (int64_t g = 0; g < G; g++) {
-                    const float *qg = qs + g * D;
-                    float dot = 0.f;
+            float qs[GROUP][HEAD_DIM], acc[GROUP][HEAD_DIM], top[GROUP], sum[GROUP];
+            for (int g = 0; g < GROUP; g++) {
+                for (int d = 0; d < HEAD_DIM; d++) { qs[g][d] = q[(s * H + h * GROUP + g) * HEAD_DIM + d] * scale; acc[g][d] = 0.f; }
+                top[g] = -INFINITY; sum[g] = 0.f;
+            }
+            for (int64_t p = 0, t = 0; p < npages; p++) {
+                const float *kpage = k_pool + (int64_t)pages[p] * S * row + h * HEAD_DIM;
+                const int64_t n = len - p * S < S ? len - p * S : S;
+                for (int64_t o = 0; o < n; o++, t++) {
+                    const float *kt = kpage + o * row;
+                    for (int g = 0; g < GROUP; g++) {
+                        float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-                    for (int64_t d = 0; d < D; d++) dot += qg[d] * kt[d];
-                    scores[g * len + t] = dot * scale;
+                        for (int d = 0; d < HEAD_DIM; d++) dot += qs[g][d] * kt[d];
+                        scores[g * len + t] = dot;
+                        top[g] = dot > top[g] ? dot : top[g];
+                    }
                 }
             }
-            for (int64_t g = 0; g < G; g++) {
-                float *sc = scores + g * len, top = -INFINITY, sum = 0.f;
-                for (int64_t t = 0; t < len; t++) top = sc[t] > top ? sc[t] : top;
-                for (int64_t t = 0; t < len; t++) { sc[t] = expf(sc[t] - top); sum += sc[t]; }
-                for (int64_t t = 0; t < len; t++) sc[t] /= sum;
+            for (int g = 0; g < GROUP; g++) {
+                float *sc = scores + g * len, total = 0.f;
+                for (int64_t t = 0; t < len; t++) {
+                    const float x = sc[t] - top[g];
+                    sc[t] = x < -80.f ? 0.f : expf(x);  /* below e^-80 the weight is 0: no denormals */
+                    total += sc[t];
+                }
+                sum[g] = total;
             }
-            memset(acc, 0, sizeof(float) * (size_t)(G * D));
-            for (int64_t t = 0; t < len; t++) {
-                const float *vt = v_pool + (((int64_t)pages[t / S] * S + t % S) * KH + h) * D;
-                for (int64_t g = 0; g < G; g++) {
-                    const float w = scores[g * len + t];
-                    float *ag = acc + g * D;
+            for (int64_t p = 0, t = 0; p < npages; p++) {
+                const float *vpage = v_pool + (int64_t)pages[p] * S * row + h * HEAD_DIM;
+                const int64_t n = len - p * S < S ? len - p * S : S;
+                for (int64_t o = 0; o < n; o++, t++) {
+                    const float *vt = vpage + o * row;
+                    for (int g = 0; g < GROUP; g++) {
+                        const float w = scores[g * len + t];
 #pragma omp simd
-                    for (int64_t d = 0; d < D; d++) ag[d] += w * vt[d];
+                        for (int d = 0; d < HEAD_DIM; d++) acc[g][d] += w * vt[d];
+                    }
                 }
             }
-            memcpy(out + (s * H + h * G) * D, acc, sizeof(float) * (size_t)(G * D));
+            for (int g = 0; g < GROUP; g++) {
+                float *o = out + (s * H + h * GROUP + g) * HEAD_DIM;
+                const float inv = 1.f / sum[g];
+                for (int d = 0; d < HEAD_DIM; d++) o[d] = acc[g][d] * inv;
+            }
         }
         free(scores);
-        free(acc);
     }
     return failed;
 }
@@ -111,24 +126,27 @@ def _cpu_id() -> str:
     return platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, platform.machine(), _cpu_id()]).encode())
-    target = _cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+def _build(compiler: str, head_dim: int, group: int) -> Path:
+    flags = (*_FLAGS, f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}")
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine(), _cpu_id()]).encode())
+    target = _cache_dir() / f"paged_decode-d{head_dim}-g{group}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, lib = Path(tmp) / "paged_decode.c", Path(tmp) / "paged_decode.so"
         src.write_text(_SOURCE)
-        subprocess.run([compiler, *_FLAGS, str(src), "-o", str(lib), "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, str(src), "-o", str(lib), "-lm"], check=True, capture_output=True,
                        timeout=120)
         os.replace(lib, target)
     return target
 
 
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """The compiled library, or None (disabled, no compiler, or the build failed: logged once)."""
+def load(head_dim: int, group: int) -> ctypes.CDLL | None:
+    """The library for this head_dim and query heads per KV head (compile-time constants, so the
+    loops unroll and the accumulators stay in registers), or None (disabled, no compiler, or the
+    build failed: logged once per shape)."""
     if os.environ.get(ENV_VAR, "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -136,7 +154,7 @@ def load() -> ctypes.CDLL | None:
         log.warning("no C compiler found: CPU decode attention uses the slower grouped-SDPA path")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, head_dim, group)))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         log.warning("building the CPU decode-attention kernel failed (%s %s): using the grouped-SDPA path",
@@ -145,13 +163,13 @@ def load() -> ctypes.CDLL | None:
     fn = lib.paged_decode_f32
     fn.restype = ctypes.c_int
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = (ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int)
+    fn.argtypes = (ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float, ctypes.c_int)
     return lib
 
 
-def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `paged_decode_attention` runs for this device and dtype (CPU, float32) and the library loaded."""
-    return device.type == "cpu" and dtype == torch.float32 and load() is not None
+def supports(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> bool:
+    """Whether `paged_decode_attention` runs here (CPU, float32) and its library loaded for this shape."""
+    return device.type == "cpu" and dtype == torch.float32 and load(head_dim, group) is not None
 
 
 def paged_decode_attention(
@@ -163,12 +181,12 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [b, H, D], written in full
 ) -> torch.Tensor:
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the CPU decode-attention kernel is not available (see the log; {ENV_VAR})")
     b, heads, head_dim = q.shape
     _, page_size, kv_heads, pool_dim = k_pool.shape
     _check(q, k_pool, v_pool, page_table, context_lens, heads, kv_heads, head_dim, pool_dim, b)
+    lib = load(head_dim, heads // kv_heads)
+    if lib is None:
+        raise RuntimeError(f"the CPU decode-attention kernel is not available (see the log; {ENV_VAR})")
     if out is None:
         out = torch.empty_like(q)
     if not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
@@ -177,7 +195,7 @@ def paged_decode_attention(
         return out
     failed = lib.paged_decode_f32(
         q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), page_table.data_ptr(), page_table.stride(0),
-        context_lens.data_ptr(), out.data_ptr(), b, heads, kv_heads, head_dim, page_size, scale,
+        context_lens.data_ptr(), out.data_ptr(), b, kv_heads, page_size, scale,
         torch.get_num_threads(),
     )
     if failed:

@@ -12,7 +12,7 @@ import torch
 from pd_serve.kernels import cpu_native
 from pd_serve.kernels import reference as ref
 
-pytestmark = pytest.mark.skipif(cpu_native.load() is None, reason="no C compiler: the kernel could not be built")
+pytestmark = pytest.mark.skipif(cpu_native.load(64, 4) is None, reason="no C compiler: the kernel could not be built")
 
 
 def _case(b: int, heads: int, kv_heads: int, head_dim: int, page_size: int, max_ctx: int, seed: int):
@@ -68,6 +68,7 @@ def test_reads_only_the_pages_in_the_table() -> None:
         (lambda t: {**t, "table": t["table"].long()}, "int32"),
         (lambda t: {**t, "q": t["q"].double()}, "float32 only"),
         (lambda t: {**t, "q": t["q"][:, :3]}, "shapes do not match"),
+        (lambda t: {**t, "q": t["q"][:, :, :32]}, "shapes do not match"),
     ],
 )
 def test_bad_arguments_are_named_before_the_c_code_runs(change, message: str) -> None:
@@ -78,7 +79,7 @@ def test_bad_arguments_are_named_before_the_c_code_runs(change, message: str) ->
 
 
 def test_disabled_by_environment_variable() -> None:
-    code = "from pd_serve.kernels import cpu_native; print(cpu_native.load() is None)"
+    code = "from pd_serve.kernels import cpu_native; print(cpu_native.load(64, 4) is None)"
     out = subprocess.run([sys.executable, "-c", code], env={"PD_SERVE_CPU_NATIVE": "0", "PATH": ""},
                          capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "True"
