@@ -290,6 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "leak_report": report(leaks),
         "exits": exits,
         "memory": memory_table(sampler.series, warmup),
+        "rss_series": {k: [[round(t, 1), round(v, 1)] for t, v in pts] for k, pts in sampler.series.items()},
     }
 
 
