@@ -43,10 +43,11 @@ class TransferEngine:
         self._start_error: BaseException | None = None
         self._port = 0
         self._lock = threading.Lock()
-        self._claimed: dict[str, OrderedDict[int, Room]] = {
-            "sender": OrderedDict(),
-            "receiver": OrderedDict(),
-        }
+        # per role: the rooms claimed and not yet seen terminal, and every room id used (bounded),
+        # so that a duplicate id is refused without keeping finished Room objects (and what they
+        # reference: connections, destinations, tasks) alive for finished_rooms_kept rooms
+        self._live: dict[str, dict[int, Room]] = {"sender": {}, "receiver": {}}
+        self._used: dict[str, OrderedDict[int, None]] = {"sender": OrderedDict(), "receiver": OrderedDict()}
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -128,15 +129,18 @@ class TransferEngine:
         self._loop.call_soon_threadsafe(fn, *args)
 
     def _claim(self, role: str, room: Room) -> None:
-        claimed = self._claimed[role]
+        live, used = self._live[role], self._used[role]
         with self._lock:
-            if room.room in claimed:
+            for rid in [rid for rid, r in live.items() if not r.live]:
+                del live[rid]
+            if room.room in live or room.room in used:
                 raise ValueError(
                     f"room {room.room}: already used by a {role} on this engine (duplicate room id)"
                 )
-            claimed[room.room] = room
-            while len(claimed) > self.config.finished_rooms_kept and not next(iter(claimed.values())).live:
-                claimed.popitem(last=False)
+            live[room.room] = room
+            used[room.room] = None
+            while len(used) > self.config.finished_rooms_kept:
+                used.popitem(last=False)
 
     def receiver(
         self, room: int, peer_endpoint: str, dst_page_ids: list[int], expected_tokens: int, prompt_hash: str
