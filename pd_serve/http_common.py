@@ -121,7 +121,10 @@ class GuardMiddleware:
             except BodyCut as cut:
                 body = cut.partial  # the app sees the disconnect on its next receive()
         if body is None:
-            await reply(send, 413, self._too_large)
+            # the body is left unread, so the server drops the connection: over HTTP/1.x say so,
+            # or a keep-alive client sends its next request into a closing socket
+            closing = ((b"connection", b"close"),) if scope.get("http_version", "1.1").startswith("1") else ()
+            await reply(send, 413, self._too_large, closing)
             return
         await self.app(scope, replay(body, receive), send)
 

@@ -17,7 +17,8 @@ from pd_serve.kernels.reference import gather_pages_ref, scatter_pages_ref
 from pd_serve.transfer.config import LayoutFingerprint
 
 MAX_REGION_BYTES = 1 << 30  # one region per process_vm_readv iovec / UCX message at most
-STAGING_CACHE_BYTES = 1 << 30
+STAGING_CACHE_BYTES = 1 << 30  # staging buffers kept for reuse: at most this many bytes,
+STAGING_CACHE_POOL_SHARE = 8  # and at most 1/8 of the KV pools' bytes
 
 
 class Run(NamedTuple):
@@ -56,7 +57,9 @@ class PoolSet:
         self.page_bytes = pools[0][0][0].numel() * pools[0][0].element_size()
         self.device = pools[0][0].device
         self.max_run_pages = max(1, MAX_REGION_BYTES // self.page_bytes)
-        self._free: list[torch.Tensor] = []  # staging buffers to reuse (first touch is costly)
+        pool_bytes = sum(t.numel() * t.element_size() for pair in pools for t in pair)
+        self.staging_cache_bytes = min(STAGING_CACHE_BYTES, pool_bytes // STAGING_CACHE_POOL_SHARE)
+        self._free: list[torch.Tensor] = []  # whole flat staging allocations to reuse (first touch is costly)
 
     @property
     def num_layers(self) -> int:
@@ -94,16 +97,18 @@ class PoolSet:
         k = self.pools[0][0]
         shape = (len(layers) * 2, num_pages, *k.shape[1:])
         numel = len(layers) * 2 * num_pages * k[0].numel()
-        for i, buf in enumerate(self._free):
-            if buf.numel() >= numel:
-                return self._free.pop(i)[:numel].view(shape)
-        return torch.empty(shape, dtype=k.dtype, device=k.device)
+        fits = [i for i, buf in enumerate(self._free) if buf.numel() >= numel]
+        if fits:  # the smallest that fits, so small rooms do not take the large buffers
+            return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))[:numel].view(shape)
+        return torch.empty(numel, dtype=k.dtype, device=k.device).view(shape)
 
     def release(self, staging: torch.Tensor) -> None:
-        """Give a staging buffer back for reuse (kept up to STAGING_CACHE_BYTES in all)."""
-        flat = staging.view(-1)
+        """Give a buffer from `staging()` back. Its whole allocation is kept for reuse while the
+        cache stays within `staging_cache_bytes` (a reused buffer is a view of a larger one: the
+        allocation, not the view, is what stays resident)."""
+        flat = staging._base if staging._base is not None else staging.view(-1)
         cached = sum(b.numel() * b.element_size() for b in self._free)
-        if cached + flat.numel() * flat.element_size() <= STAGING_CACHE_BYTES:
+        if cached + flat.numel() * flat.element_size() <= self.staging_cache_bytes:
             self._free.append(flat)
 
     def _flat_pools(self, layers: range) -> list[torch.Tensor]:

@@ -101,11 +101,28 @@ def test_split_by_bytes_balances_without_cutting_an_iovec() -> None:
 
 
 def test_staging_buffers_are_reused() -> None:
-    ps = PoolSet(pools(), FP)
+    ps = PoolSet(pools(64), FP)
     first = ps.staging(range(2), 3)
     ps.release(first)
     again = ps.staging(range(1), 2)
     assert again.data_ptr() == first.data_ptr() and again.shape == (2, 2, 4, 2, 8)
+
+
+def test_staging_cache_counts_whole_allocations_and_stays_bounded() -> None:
+    ps = PoolSet(pools(64), FP)  # 64 pages x 2 layers x (K, V): the cache keeps at most 1/8 of that
+    page_bytes = 4 * 2 * 8 * 4
+    assert ps.staging_cache_bytes == 64 * 2 * 2 * page_bytes // 8
+    big = ps.staging(range(2), 8)  # 32 page-sized units: the whole cache
+    ps.release(big)
+    small = ps.staging(range(1), 1)  # a view of the big buffer
+    ps.release(small)  # gives back the whole allocation, counted in full
+    for _ in range(20):  # rooms of many sizes: what is cached never passes the bound
+        bufs = [ps.staging(range(2), n) for n in (1, 2, 5, 3)]
+        for b in bufs:
+            ps.release(b)
+        assert sum(b.numel() * b.element_size() for b in ps._free) <= ps.staging_cache_bytes
+    first, second = ps.staging(range(1), 1), ps.staging(range(1), 1)
+    assert first.data_ptr() != second.data_ptr()  # two live buffers never share memory
 
 
 def test_codec_round_trips_and_rejects_garbage() -> None:
