@@ -71,6 +71,26 @@ def test_gather_then_scatter_match_reference(
         assert got.isnan().sum() == want.isnan().sum()  # pages not named stay untouched
 
 
+def test_page_copy_of_pools_off_16_byte_alignment() -> None:
+    """Pools that are views one element into a buffer take the unhinted path and still copy exactly."""
+    shape = (6, 5, 2, 32)
+    flat = [torch.randn(6 * 5 * 2 * 32 + 1, dtype=torch.bfloat16) for _ in range(2)]
+    pools = [f[1:].view(shape) for f in flat]
+    assert all(p.data_ptr() % 16 for p in pools)
+    ids = torch.tensor([4, 0, 2])
+    staging = torch.empty(2, 3, *shape[1:], dtype=torch.bfloat16)
+    reference.gather_pages_ref(pools, ids, staging)
+    out = poisoned_like(staging)
+    gather_pages_triton(pools, ids, out)
+    assert torch.equal(out, staging)
+    for f in flat:
+        f.fill_(float("nan"))
+    scatter_pages_triton(staging, pools, ids)
+    for i, pool in enumerate(pools):
+        assert torch.equal(pool[ids], staging[i])
+        assert pool[[1, 3, 5]].isnan().all() and flat[i][0].isnan()  # nothing else written
+
+
 def test_page_copy_dispatch_and_checks() -> None:
     pools = [torch.randn(4, 7, 2, 64) for _ in range(2)]
     out = torch.empty(2, 2, 7, 2, 64)
