@@ -45,9 +45,12 @@ SUCCESS or FAILED; destination pages until the receiver's poll() is terminal (FA
 only once no write into them can happen any more).
 
 Failure: every non-terminal state has a timeout (`bootstrap_timeout`, `waiting_timeout`,
-`transfer_timeout`, the last restarted by progress); a lost connection fails all its rooms; the
-layout fingerprint and the token are checked at the handshake; a second request for a room is
-refused; messages for unknown or finished rooms are dropped and counted (`te.stats()`).
+`transfer_timeout`, the last restarted by progress); a lost connection fails all its rooms; in
+a connection's handshake (within `connect_timeout`) both ends prove they hold the cluster token by
+HMAC challenge-response over fresh nonces and the token never crosses the wire (`handshake.py`;
+no token on either end: no proofs; a token on one end only: refused); the layout fingerprint is
+checked per room; a second request for a room is refused; messages for unknown or finished rooms
+are dropped and counted (`te.stats()`).
 
 Backends (`TransferConfig.backend`): `tcp` (bytes on the control socket, any two hosts), `cma`
 (same host only: the receiver pulls pages with process_vm_readv, one copy), `ucx` (ucxx tag

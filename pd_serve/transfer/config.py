@@ -42,7 +42,8 @@ class TransferConfig:
     waiting_timeout: float = 300.0  # WaitingForInput: until the first KV arrives / is sent
     transfer_timeout: float = 30.0  # Transferring: longest time without progress
     connect_timeout: float = 5.0  # opening the control connection to a peer
-    token: str | None = field(default=None, repr=False)  # the cluster token; a peer must present it; never logged
+    # the cluster token: both ends of a connection prove they hold it (never sent, never logged)
+    token: str | None = field(default=None, repr=False)
     min_run_bytes: int = 256 * 1024  # average contiguous run below this: gather into one message
     chunk_bytes: int = 8 * 1024 * 1024  # largest single socket read/write or UCX message
     ucx_error_handling: bool = True  # False: UCX may use cma (fast) but a peer crash aborts us

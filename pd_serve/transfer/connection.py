@@ -33,7 +33,8 @@ class Connection:
         self.closed = False
         self.close_reason: str | None = None
         self.ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.hello: Any = None  # the peer's Hello / HelloReply
+        self.hello: Any = None  # the peer's Hello / HelloReply, once the handshake is complete
+        self.handshake: Any = None  # handshake state until then (handshake.py)
         self.plane_state: Any = None  # data plane per-connection state (UCX endpoint, tag nonce)
         self.rooms: set[int] = set()
         self._write_lock = asyncio.Lock()

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: token proven by HMAC challenge-response, never sent (handshake.py)
 FRAME_PREFIX = struct.Struct("<IQ")  # header length, payload length
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -24,12 +24,13 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True)
 class Hello:
-    """Receiver side -> sender side, first frame on a new control connection."""
+    """Receiver side -> sender side, first frame on a new control connection (handshake.py)."""
 
     kind: ClassVar[str] = "hello"
     version: int
     backend: str
-    token: str | None
+    auth: bool  # this side holds a cluster token and will prove it
+    nonce: str  # hex, fresh per connection
     host_id: str
     pid: int
     ucx_address: str | None = None  # hex of the UCX worker address (ucx backend)
@@ -37,13 +38,26 @@ class Hello:
 
 @dataclass(frozen=True)
 class HelloReply:
+    """Sender side -> receiver side: accepted (with the sender's proof when auth) or refused."""
+
     kind: ClassVar[str] = "hello_reply"
     ok: bool
     reason: str | None
     host_id: str
     pid: int
+    nonce: str | None = None  # hex, fresh per connection (auth only)
+    proof: str | None = None  # the sender's HMAC (auth only)
     ucx_address: str | None = None
     probe: list[int] | None = None  # cma: [address, length, checksum] of a buffer to read back
+
+
+@dataclass(frozen=True)
+class HelloProof:
+    """Receiver side -> sender side, auth only: the receiver's HMAC, or None and why it gave up."""
+
+    kind: ClassVar[str] = "hello_proof"
+    proof: str | None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,9 +130,10 @@ class FinishAck:
     room: int
 
 
-Message = Hello | HelloReply | RoomRequest | RoomAccept | RoomAbort | Data | Finish | FinishAck
+Message = Hello | HelloReply | HelloProof | RoomRequest | RoomAccept | RoomAbort | Data | Finish | FinishAck
 _KINDS: dict[str, type[Any]] = {
-    cls.kind: cls for cls in (Hello, HelloReply, RoomRequest, RoomAccept, RoomAbort, Data, Finish, FinishAck)
+    cls.kind: cls
+    for cls in (Hello, HelloReply, HelloProof, RoomRequest, RoomAccept, RoomAbort, Data, Finish, FinishAck)
 }
 
 
@@ -129,9 +144,16 @@ def encode(message: Message, payload_len: int = 0) -> bytes:
 
 
 def decode(body: bytes) -> Message:
+    raw: Any = None
     try:
         raw = orjson.loads(body)
         cls = _KINDS[raw.pop("t")]
         return cls(**raw)  # type: ignore[no-any-return]
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        version = raw.get("version", PROTOCOL_VERSION) if isinstance(raw, dict) else PROTOCOL_VERSION
+        if version != PROTOCOL_VERSION:  # an older Hello has other fields: say why it fails
+            raise MessageError(
+                f"peer speaks transfer protocol version {version!r}, this engine {PROTOCOL_VERSION}: "
+                "run the same pd-serve version on every node"
+            ) from exc
         raise MessageError(f"undecodable control frame: {exc}") from exc

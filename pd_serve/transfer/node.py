@@ -2,14 +2,13 @@
 
 Everything here runs on the transfer engine's own event loop thread and nowhere else; the
 scheduler thread reaches it only through `loop.call_soon_threadsafe`. Sender-side operations live
-in `sending.py`; this module owns connections, handshakes, the receive path and timeouts.
+in `sending.py`, the handshake in `handshake.py`; this module owns connections, the receive path
+and timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import os
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -17,10 +16,11 @@ from typing import Any
 
 from pd_serve.transfer.config import LayoutFingerprint, RoomState, TransferConfig
 from pd_serve.transfer.connection import Connection, ConnectionClosed
+from pd_serve.transfer.handshake import Handshake
 from pd_serve.transfer.layout import PoolSet
 from pd_serve.transfer.messages import (
-    PROTOCOL_VERSION,
     Hello,
+    HelloProof,
     HelloReply,
     Message,
     MessageError,
@@ -45,7 +45,7 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-class Node(SendPath, ReceivePath):
+class Node(SendPath, ReceivePath, Handshake):
     def __init__(self, config: TransferConfig, pools: PoolSet, plane: DataPlane) -> None:
         self.config, self.pools, self.plane = config, pools, plane
         self.fingerprint: LayoutFingerprint = pools.fingerprint
@@ -76,6 +76,7 @@ class Node(SendPath, ReceivePath):
                 sock, f"{addr[0]}:{addr[1]}", outbound=False, chunk_bytes=self.config.chunk_bytes
             )
             self.inbound.add(conn)
+            loop.call_later(self.config.connect_timeout, self.handshake_deadline, conn)
             self.spawn(self._run_conn(conn))
 
     async def _run_conn(self, conn: Connection) -> None:
@@ -126,15 +127,8 @@ class Node(SendPath, ReceivePath):
             sock.close()
             raise
         conn = Connection(sock, endpoint, outbound=True, chunk_bytes=self.config.chunk_bytes)
+        hello = self.greeting(conn)
         self.spawn(self._run_conn(conn))
-        hello = Hello(
-            PROTOCOL_VERSION,
-            self.plane.name,
-            self.config.token,
-            self.host_id,
-            os.getpid(),
-            **self.plane.hello_fields(conn),
-        )
         await conn.send(hello)
         await asyncio.wait_for(asyncio.shield(conn.ready), self.config.connect_timeout)
         return conn
@@ -142,8 +136,8 @@ class Node(SendPath, ReceivePath):
     # ---- dispatch ------------------------------------------------------------------------
 
     async def handle(self, conn: Connection, msg: Message, payload_len: int) -> None:
-        if isinstance(msg, Hello | HelloReply):
-            await self._on_hello(conn, msg)
+        if isinstance(msg, Hello | HelloReply | HelloProof):
+            await self.on_handshake(conn, msg)
         elif conn.hello is None:
             raise MessageError(f"{msg.kind} before the handshake from {conn.peer}")
         elif isinstance(msg, RoomRequest) and not conn.outbound:
@@ -152,40 +146,6 @@ class Node(SendPath, ReceivePath):
             self._on_abort(conn, msg)
         else:
             await self.on_room_message(conn, msg, payload_len)
-
-    async def _on_hello(self, conn: Connection, msg: Hello | HelloReply) -> None:
-        if conn.hello is not None:
-            raise MessageError(f"second handshake from {conn.peer}")
-        if isinstance(msg, HelloReply):
-            if not msg.ok:
-                raise ConnectionClosed(f"peer refused the connection: {msg.reason}")
-            conn.hello = msg
-            reason = await self.plane.on_hello(conn, msg)
-            if reason is not None:
-                raise ConnectionClosed(reason)
-            conn.ready.set_result(True)
-            return
-        reason = self._hello_refusal(msg)
-        if reason is None:
-            conn.hello = msg
-            reason = await self.plane.on_hello(conn, msg)
-        ok = reason is None
-        extra = self.plane.hello_fields(conn) if ok else {}
-        await conn.send(HelloReply(ok, reason, self.host_id, os.getpid(), **extra))
-        if not ok:
-            self.stats["refused_connections"] += 1
-            raise ConnectionClosed(f"refused {conn.peer}: {reason}")
-        conn.ready.set_result(True)
-
-    def _hello_refusal(self, msg: Hello) -> str | None:
-        if msg.version != PROTOCOL_VERSION:
-            return f"protocol version {msg.version} is not {PROTOCOL_VERSION}"
-        if msg.backend != self.plane.name:
-            return f"backend {msg.backend!r} differs from this engine's {self.plane.name!r}"
-        expected = self.config.token
-        if expected is not None and not hmac.compare_digest((msg.token or "").encode(), expected.encode()):
-            return "authentication failed: the cluster token does not match (--cluster-token-file or PD_SERVE_CLUSTER_TOKEN)"
-        return None
 
     # ---- room handshake (sender side) ------------------------------------------------------
 

@@ -20,8 +20,18 @@ from pd_serve.transfer import (
     TransferEngine,
 )
 from pd_serve.transfer.cma_plane import iovecs, read_remote, split_by_bytes
+from pd_serve.transfer.handshake import new_nonce, proof, proof_matches, token_setting_refusal
 from pd_serve.transfer.layout import PoolSet, Run, coalesce, expand, should_stage
-from pd_serve.transfer.messages import Data, Finish, MessageError, RoomRequest, decode, encode
+from pd_serve.transfer.messages import (
+    PROTOCOL_VERSION,
+    Data,
+    Finish,
+    Hello,
+    MessageError,
+    RoomRequest,
+    decode,
+    encode,
+)
 from pd_serve.transfer.node import Node
 from pd_serve.transfer.plane import TcpPlane
 from pd_serve.transfer.room import Destination, Room
@@ -134,6 +144,31 @@ def test_codec_round_trips_and_rejects_garbage() -> None:
         decode(b'{"t": "nope"}')
     with pytest.raises(MessageError):
         decode(b"not json")
+
+
+def test_a_hello_of_another_protocol_version_says_so() -> None:
+    v1 = b'{"t": "hello", "version": 1, "backend": "tcp", "token": "x", "host_id": "h", "pid": 1}'
+    with pytest.raises(MessageError, match="protocol version 1, this engine"):
+        decode(v1)
+
+
+def test_handshake_proofs_are_bound_to_direction_nonces_and_token() -> None:
+    hello = Hello(PROTOCOL_VERSION, "tcp", True, new_nonce(), "host-r", 1)
+    nonce = new_nonce()
+    sender = proof("tok", "sender", hello, nonce, "host-s")
+    assert len(nonce) == 64 and nonce != new_nonce()
+    assert proof_matches("tok", "sender", hello, nonce, "host-s", sender)
+    assert not proof_matches("tok", "receiver", hello, nonce, "host-s", sender)  # no reflection
+    assert not proof_matches("tok", "sender", hello, new_nonce(), "host-s", sender)  # no replay
+    assert not proof_matches("tok", "sender", hello, nonce, "host-x", sender)
+    assert not proof_matches("tok2", "sender", hello, nonce, "host-s", sender)
+    assert not proof_matches("tok", "sender", hello, "short", "host-s", sender)
+    assert not proof_matches("tok", "sender", hello, nonce, "host-s", None)
+    assert not proof_matches("tok", "sender", hello, nonce, "host-s", "\u00e9" * 64)  # non-ascii: False
+    assert token_setting_refusal(True, True) is None and token_setting_refusal(False, False) is None
+    assert "the sender side has none, the receiver side has a cluster token" in (
+        token_setting_refusal(False, True) or ""
+    )
 
 
 def test_room_moves_forward_only_and_times_out() -> None:

@@ -1,0 +1,294 @@
+"""The transfer handshake's mutual proof of the cluster token, on real engines over loopback tcp and
+on raw peers speaking the protocol: the token crosses no wire, a captured proof is good for one
+connection only, either end refuses a peer without the token, and no room message is taken before
+the proof. Engines run in this process (one thread and loop each); every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from transfer_helpers import wait_terminal
+
+from pd_serve.transfer import LayoutFingerprint, RoomState, TransferConfig, TransferEngine
+from pd_serve.transfer.handshake import new_nonce, proof
+from pd_serve.transfer.messages import (
+    FRAME_PREFIX,
+    PROTOCOL_VERSION,
+    Hello,
+    HelloProof,
+    HelloReply,
+    Message,
+    RoomRequest,
+    decode,
+    encode,
+)
+from pd_serve.transfer.node import host_id
+
+TOKEN = "cluster-" + secrets.token_urlsafe(24)
+FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
+WAIT_S = 2.0
+
+
+def _engine(token: str | None, seed: int | None = None, connect_timeout: float = WAIT_S) -> TransferEngine:
+    gen = torch.Generator().manual_seed(seed or 0)
+
+    def pool() -> torch.Tensor:
+        return torch.randn(8, 4, 2, 8, generator=gen) if seed is not None else torch.zeros(8, 4, 2, 8)
+
+    config = TransferConfig(
+        backend="tcp",
+        token=token,
+        bootstrap_timeout=WAIT_S,
+        waiting_timeout=WAIT_S,
+        transfer_timeout=WAIT_S,
+        connect_timeout=connect_timeout,
+    )
+    return TransferEngine(config, [(pool(), pool()) for _ in range(2)], FP)
+
+
+def _port(engine: TransferEngine) -> int:
+    return int(engine.endpoint.rsplit(":", 1)[1])
+
+
+def _until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pred()
+
+
+def _frames(data: bytes) -> list[tuple[Message, bytes]]:
+    """Every whole frame in a captured byte stream: (message, its header frame bytes)."""
+    out, pos = [], 0
+    while pos + FRAME_PREFIX.size <= len(data):
+        header_len, payload_len = FRAME_PREFIX.unpack_from(data, pos)
+        end = pos + FRAME_PREFIX.size + header_len
+        out.append((decode(data[pos + FRAME_PREFIX.size : end]), data[pos:end]))
+        pos = end + payload_len
+    return out
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf
+
+
+def _read(sock: socket.socket) -> Message:
+    header_len, _ = FRAME_PREFIX.unpack(_read_exact(sock, FRAME_PREFIX.size))
+    return decode(_read_exact(sock, header_len))
+
+
+def _closed(sock: socket.socket) -> bool:
+    """True once the peer closed the connection (EOF or reset) with nothing more to read."""
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _raw(engine: TransferEngine) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", _port(engine)), timeout=10)
+
+
+def _hello(auth: bool) -> Hello:
+    return Hello(PROTOCOL_VERSION, "tcp", auth, new_nonce(), host_id(), 1)
+
+
+def _request(room: int) -> bytes:
+    return encode(RoomRequest(room, FP.to_dict(), [0, 1], 4, "h"))
+
+
+class _Recorder:
+    """A loopback tcp proxy for one connection that keeps every byte each way."""
+
+    def __init__(self, target_port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.up, self.down = bytearray(), bytearray()  # receiver -> sender, sender -> receiver
+        self._target = target_port
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(20)
+        a, _ = self.listener.accept()
+        b = socket.create_connection(("127.0.0.1", self._target), timeout=20)
+        a.settimeout(20)
+        threading.Thread(target=self._pump, args=(a, b, self.up), daemon=True).start()
+        self._pump(b, a, self.down)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, record: bytearray) -> None:
+        try:
+            while chunk := src.recv(65536):
+                record += chunk
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def test_the_token_never_crosses_the_wire_and_a_replayed_proof_is_refused() -> None:
+    with _engine(TOKEN, seed=1) as prefill, _engine(TOKEN) as dec:
+        proxy = _Recorder(_port(prefill))
+        tx = prefill.sender(11)
+        rx = dec.receiver(11, proxy.endpoint, [2, 3], expected_tokens=8, prompt_hash="h")
+        assert _until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT), tx.failure_reason
+        tx.send([5, 6])
+        tx.finish(7, None)
+        assert wait_terminal([rx]) == [RoomState.SUCCESS], rx.failure_reason
+        for layer in range(2):
+            for kv in range(2):
+                assert torch.equal(dec.pools.pools[layer][kv][[2, 3]], prefill.pools.pools[layer][kv][[5, 6]])
+
+        wire = bytes(proxy.up + proxy.down)
+        digest = hashlib.sha256(TOKEN.encode())
+        for secret in (TOKEN.encode(), digest.hexdigest().encode(), digest.digest()):
+            assert secret not in wire
+        up, down = _frames(bytes(proxy.up)), _frames(bytes(proxy.down))
+        assert [m.kind for m, _ in up[:3]] == ["hello", "hello_proof", "room_request"]
+        assert [m.kind for m, _ in down[:2]] == ["hello_reply", "room_accept"]
+        (hello, hello_raw), (_, proof_raw), (reply, _) = up[0], up[1], down[0]
+        assert isinstance(hello, Hello) and hello.auth and isinstance(reply, HelloReply) and reply.proof
+
+        # the captured Hello and proof, replayed on a new connection: the sender's nonce is fresh
+        tx2 = prefill.sender(12)
+        with _raw(prefill) as sock:
+            sock.sendall(hello_raw)
+            fresh = _read(sock)
+            assert isinstance(fresh, HelloReply) and fresh.ok and fresh.nonce != reply.nonce
+            sock.sendall(proof_raw + _request(12))
+            refusal = _read(sock)
+            assert isinstance(refusal, HelloReply) and not refusal.ok
+            assert "receiver could not prove the cluster token" in (refusal.reason or "")
+            assert TOKEN not in (refusal.reason or "")
+            assert _closed(sock)
+        assert tx2.poll() is RoomState.BOOTSTRAPPING and tx2.destination() is None
+        stats = prefill.stats()
+        assert stats["refused_connections"] == 1 and stats["pending_room_requests"] == 0
+        tx2.abort()
+
+
+@pytest.mark.parametrize("auth", [True, False])
+def test_a_receiver_without_the_token_is_refused_by_the_sender(auth: bool) -> None:
+    with _engine(TOKEN, seed=1) as prefill:
+        tx = prefill.sender(21)
+        with _raw(prefill) as sock:
+            hello = _hello(auth)
+            sock.sendall(encode(hello))
+            reply = _read(sock)
+            if auth:  # a proof made with another token, then a room request right behind it
+                assert isinstance(reply, HelloReply) and reply.ok and reply.nonce
+                forged = proof("not-" + TOKEN, "receiver", hello, reply.nonce, reply.host_id)
+                sock.sendall(encode(HelloProof(forged)) + _request(21))
+                reply = _read(sock)
+            assert isinstance(reply, HelloReply) and not reply.ok
+            reason = reply.reason or ""
+            expected = "receiver could not prove" if auth else "token setting differs"
+            assert "cluster token does not match" in reason and expected in reason and TOKEN not in reason
+            assert _closed(sock)
+        assert tx.poll() is RoomState.BOOTSTRAPPING and tx.destination() is None
+        assert prefill.stats()["refused_connections"] == 1
+        assert prefill.stats()["pending_room_requests"] == 0
+        tx.abort()
+
+
+def _impostor(listener: socket.socket, token: str | None, received: list[Message]) -> None:
+    """A sender that does not hold the cluster token: it answers with a forged proof (or none)."""
+    listener.settimeout(20)
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(20)
+        hello = _read(conn)
+        assert isinstance(hello, Hello)
+        received.append(hello)
+        nonce = new_nonce()
+        forged = proof(token, "sender", hello, nonce, host_id()) if token else None
+        conn.sendall(encode(HelloReply(True, None, host_id(), 1, nonce, forged)))
+        try:
+            while True:
+                received.append(_read(conn))
+        except (ConnectionError, OSError):
+            pass
+
+
+@pytest.mark.parametrize("forged_with", ["not-the-token", None])
+def test_a_sender_without_the_token_is_detected_by_the_receiver(
+    forged_with: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[Message] = []
+    peer = threading.Thread(target=_impostor, args=(listener, forged_with, received), daemon=True)
+    peer.start()
+    with caplog.at_level(logging.WARNING, logger="pd_serve.transfer"), _engine(TOKEN) as dec:
+        endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        rx = dec.receiver(31, endpoint, [2, 3], expected_tokens=8, prompt_hash="h")
+        assert wait_terminal([rx]) == [RoomState.FAILED]
+        reason = rx.failure_reason or ""
+        assert "sender could not prove the cluster token" in reason and TOKEN not in reason
+        assert dec.stats()["refused_connections"] == 1
+        peer.join(10)
+    # the impostor got the receiver's Hello and its refusal, never a proof or a room request
+    assert [m.kind for m in received] == ["hello", "hello_proof"]
+    assert isinstance(received[1], HelloProof) and received[1].proof is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not prove" in warnings[0] and TOKEN not in warnings[0]
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    ("sender_token", "receiver_token"), [(TOKEN, None), (None, TOKEN)], ids=["sender-only", "receiver-only"]
+)
+def test_a_token_on_one_end_only_is_refused(sender_token: str | None, receiver_token: str | None) -> None:
+    with _engine(sender_token, seed=1) as prefill, _engine(receiver_token) as dec:
+        tx = prefill.sender(41)
+        rx = dec.receiver(41, prefill.endpoint, [2, 3], expected_tokens=8, prompt_hash="h")
+        assert wait_terminal([rx]) == [RoomState.FAILED]
+        reason = rx.failure_reason or ""
+        assert "token setting differs" in reason and TOKEN not in reason
+        assert prefill.stats()["refused_connections"] == 1
+        assert tx.poll() is RoomState.BOOTSTRAPPING and tx.destination() is None
+        tx.abort()
+
+
+def test_room_messages_before_the_proof_close_the_connection() -> None:
+    with _engine(TOKEN, seed=1, connect_timeout=0.5) as prefill:
+        tx = prefill.sender(51)
+        with _raw(prefill) as sock:  # a room request as the very first frame
+            sock.sendall(_request(51))
+            assert _closed(sock)
+        with _raw(prefill) as sock:  # after the Hello, before the proof
+            sock.sendall(encode(_hello(True)))
+            assert isinstance(_read(sock), HelloReply)
+            sock.sendall(_request(51))
+            assert _closed(sock)
+        with _raw(prefill) as sock:  # a peer that says nothing is cut after connect_timeout
+            assert _closed(sock)
+        assert tx.poll() is RoomState.BOOTSTRAPPING and tx.destination() is None
+        assert prefill.stats()["pending_room_requests"] == 0
+        with _raw(prefill) as sock:  # the same peer, in order and with the token: accepted
+            hello = _hello(True)
+            sock.sendall(encode(hello))
+            reply = _read(sock)
+            assert isinstance(reply, HelloReply) and reply.ok and reply.nonce
+            sock.sendall(encode(HelloProof(proof(TOKEN, "receiver", hello, reply.nonce, reply.host_id))))
+            sock.sendall(_request(51))
+            assert _read(sock).kind == "room_accept"
+            assert _until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT)
+        tx.abort()
