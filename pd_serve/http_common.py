@@ -280,10 +280,17 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 def granian_server(
-    target: str, host: str, port: int, log_level: str, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+    target: str,
+    host: str,
+    port: int,
+    log_level: str,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    log_dictconfig: dict[str, Any] | None = None,
 ) -> Any:
     """The Granian server every service runs: one ASGI worker, HTTP/1.1 and HTTP/2 on one port (h2c
-    on plain TCP, ALPN h2 with TLS), no access log. Granian is imported here, not at module scope."""
+    on plain TCP, ALPN h2 with TLS), no access log; `log_dictconfig` is Granian's logging config (its
+    own default: plain lines on stdout). Granian is imported here, not at module scope."""
     from pathlib import Path
 
     from granian import Granian
@@ -301,4 +308,5 @@ def granian_server(
         ssl_key=Path(ssl_keyfile) if ssl_keyfile else None,
         log_level=LogLevels(log_level),
         log_access=False,
+        log_dictconfig=log_dictconfig,
     )

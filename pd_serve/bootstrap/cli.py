@@ -12,9 +12,11 @@ import logging
 import socket
 import sys
 from functools import partial
+from typing import Any
 
 from pd_serve import cli_config
 from pd_serve.bootstrap.config import TOKEN_ENV, BootstrapConfig, BootstrapConfigError, read_token
+from pd_serve.logs import LogConfig, add_log_arguments, granian_log_config, setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-nodes", type=int, default=d.max_nodes, help="most node records kept")
     parser.add_argument("--redis-prefix", default=d.redis_prefix, help="key prefix in Redis")
-    parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    add_log_arguments(parser)
     cli_config.add_config_arguments(parser)
 
 
@@ -55,13 +57,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         args = cli_config.resolve(args, BootstrapConfigError)
         config = config_from_args(args)
+        log = LogConfig("bootstrap", args.log_level, args.log_format)
         if args.print_config:
             return cli_config.print_config(args)
         check_port_free(config.host, config.port)
-    except BootstrapConfigError as exc:
+    except (BootstrapConfigError, ValueError) as exc:
         print(f"pd-serve bootstrap: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2
-    serve(config)
+    serve(config, log)
     return 0
 
 
@@ -79,14 +82,20 @@ def check_port_free(host: str, port: int) -> None:
             ) from exc
 
 
-def serve(config: BootstrapConfig) -> None:
+def serve(config: BootstrapConfig, log: LogConfig) -> None:
     """Serve until SIGINT/SIGTERM; one Granian worker (the memory store is per process)."""
-    from pd_serve.bootstrap.app import create_app
     from pd_serve.http_common import granian_server, warn_if_open
 
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(log.role, log.level, log.fmt)
     warn_if_open(logging.getLogger("pd_serve.bootstrap"), "bootstrap service", config.auth_token)
-    server = granian_server("pd_serve.bootstrap.app:create_app", config.host, config.port, config.log_level)
-    server.serve(target_loader=partial(create_app, config), wrap_loader=False)
+    server = granian_server("pd_serve.bootstrap.app:create_app", config.host, config.port, log.level,
+                            log_dictconfig=granian_log_config())
+    server.serve(target_loader=partial(build_app, config, log), wrap_loader=False)
+
+
+def build_app(config: BootstrapConfig, log: LogConfig) -> Any:
+    """Runs in the Granian worker (which need not be a fork of the supervisor: it sets up its logging)."""
+    from pd_serve.bootstrap.app import create_app
+
+    setup_logging(log.role, log.level, log.fmt)
+    return create_app(config)

@@ -24,6 +24,7 @@ from pd_serve.config import DisaggConfig, EngineConfig
 from pd_serve.engine import messages as m
 from pd_serve.engine.process import EngineAddresses, run_engine
 from pd_serve.engine.sampling_params import SamplingParams
+from pd_serve.logs import current as current_logging
 
 STATS_TIMEOUT_S = 10.0  # a first step (lazy torch init) on a loaded 2-core machine took > 2 s
 
@@ -56,7 +57,10 @@ class EngineClient:
         self._in.setsockopt(zmq.LINGER, 0)
         self._in.connect(self.addrs.inputs)
         self._proc = multiprocessing.get_context("spawn").Process(
-            target=run_engine, args=(self.config, self.addrs, self.disagg), name="pd-serve-engine", daemon=True
+            target=run_engine,
+            args=(self.config, self.addrs, self.disagg, current_logging()),  # the engine logs as we do
+            name="pd-serve-engine",
+            daemon=True,
         )
         self._proc.start()
         ready = asyncio.get_running_loop().create_future()

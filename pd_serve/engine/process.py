@@ -23,6 +23,7 @@ from pd_serve.config import DisaggConfig, EngineConfig
 from pd_serve.engine import messages as m
 from pd_serve.engine.sampling_params import InvalidParameter
 from pd_serve.engine.scheduler import RequestRejected
+from pd_serve.logs import LogConfig, setup_logging
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
@@ -42,9 +43,17 @@ class EngineAddresses:
         return EngineAddresses(inputs=f"ipc://{base}-in", outputs=f"ipc://{base}-out")
 
 
-def run_engine(config: EngineConfig, addrs: EngineAddresses, disagg: DisaggConfig | None = None) -> None:
-    """Process entry point: build the engine, announce readiness, loop until Shutdown or a signal."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+def run_engine(
+    config: EngineConfig,
+    addrs: EngineAddresses,
+    disagg: DisaggConfig | None = None,
+    log_config: LogConfig | None = None,
+) -> None:
+    """Process entry point: build the engine, announce readiness, loop until Shutdown or a signal.
+    `log_config`: the API process's logging (`pd_serve.logs.current()`); the role gets "/engine" added.
+    Without one: text at info, role "engine"."""
+    parent = log_config or LogConfig("engine")
+    setup_logging(f"{parent.role}/engine" if log_config else "engine", parent.level, parent.fmt)
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.LINGER, 1000)
@@ -72,6 +81,8 @@ def run_engine(config: EngineConfig, addrs: EngineAddresses, disagg: DisaggConfi
         "num_pages": core.kv.num_pages,
         "max_running_requests": config.max_running_requests,
     })))
+    log.info("engine ready: %d KV pages of %d tokens, %s", core.kv.num_pages, config.page_size,
+             f"transfer endpoint {core.transfer.endpoint}" if core.transfer is not None else "no transfer")
     try:
         EngineLoop(core, inp, out, stop).run()
     finally:

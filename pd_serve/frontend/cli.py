@@ -21,6 +21,7 @@ from typing import Any
 from pd_serve import cli_config
 from pd_serve.frontend.config import POLICIES, FrontendConfig, FrontendConfigError
 from pd_serve.http_common import read_cluster_token
+from pd_serve.logs import LogConfig, add_log_arguments, granian_log_config, setup_logging
 
 API_KEYS_ENV = "PD_SERVE_API_KEYS"
 
@@ -145,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.max_concurrent_requests,
         help="generation requests in flight in all (503 with Retry-After past it, at once); 0: no limit",
     )
-    parser.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    add_log_arguments(parser)
     cli_config.add_config_arguments(parser)
 
 
@@ -206,36 +207,35 @@ def run(args: argparse.Namespace) -> int:
     try:
         args = cli_config.resolve(args, FrontendConfigError)
         config = config_from_args(args)
+        log = LogConfig("frontend", args.log_level, args.log_format)
         if args.print_config:
             return cli_config.print_config(args)
         check_port_free(config.host, config.port)
-    except (FrontendConfigError, BootstrapConfigError) as exc:
+    except (FrontendConfigError, BootstrapConfigError, ValueError) as exc:
         print(f"pd-serve frontend: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2
-    return serve(config)
+    return serve(config, log)
 
 
-def build_app(config: FrontendConfig) -> Any:
+def build_app(config: FrontendConfig, log: LogConfig) -> Any:
     """Runs in the Granian worker."""
     from pd_serve.frontend.app import create_app
 
-    _logging(config)
+    _logging(log)
     return create_app(config)
 
 
-def _logging(config: FrontendConfig) -> None:
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _logging(log: LogConfig) -> None:
+    setup_logging(log.role, log.level, log.fmt)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
 
 
-def serve(config: FrontendConfig) -> int:
+def serve(config: FrontendConfig, log: LogConfig) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     from pd_serve.http_common import granian_server
 
-    _logging(config)
-    granian = granian_server("pd_serve.frontend.app:create_app", config.host, config.port, config.log_level,
-                             config.ssl_certfile, config.ssl_keyfile)
-    granian.serve(target_loader=partial(build_app, config), wrap_loader=False)
+    _logging(log)
+    granian = granian_server("pd_serve.frontend.app:create_app", config.host, config.port, log.level,
+                             config.ssl_certfile, config.ssl_keyfile, log_dictconfig=granian_log_config())
+    granian.serve(target_loader=partial(build_app, config, log), wrap_loader=False)
     return 0

@@ -14,6 +14,8 @@ Secure by default: every child gets the same cluster token in $PD_SERVE_CLUSTER_
 argv, so neither `ps` nor cluster.json shows it): the one of --cluster-token-file, else the one already
 in `up`'s environment, else a fresh `secrets.token_urlsafe(32)`; `--no-cluster-token` runs the
 internal plane open (each child then warns). API keys reach the frontend in $PD_SERVE_API_KEYS.
+`--log-level` and `--log-format` go to every child (before the `--*-arg` extras, which may override
+them); `up`'s own lines (the ready line, a child's exit with its log tail) stay plain text.
 
 Only argparse-level imports at module scope (`pd-serve --help` loads this).
 """
@@ -42,6 +44,7 @@ from pd_serve.config import add_engine_arguments
 from pd_serve.frontend.cli import API_KEYS_ENV
 from pd_serve.frontend.config import POLICIES
 from pd_serve.http_common import CLUSTER_TOKEN_ENV, read_cluster_token
+from pd_serve.logs import add_log_arguments, setup_logging
 
 READY_POLL_S = 0.2
 _PR_SET_PDEATHSIG = 1
@@ -109,6 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="restart a child that exits (same port and arguments) instead of stopping the cluster",
     )
+    add_log_arguments(g)
     add_engine_arguments(parser)
     parser.set_defaults(_up_parser=parser)
     cli_config.add_config_arguments(parser)
@@ -197,7 +201,8 @@ class Cluster:
         self.frontend: Child | None = None
 
     def _start(self, name: str, role: str, port: int, extra: list[str]) -> Child:
-        argv = [sys.executable, "-m", "pd_serve.cli", role, "--port", str(port), *extra]
+        logs = ["--log-level", self.args.log_level, "--log-format", self.args.log_format]
+        argv = [sys.executable, "-m", "pd_serve.cli", role, "--port", str(port), *logs, *extra]
         env = self.env if role == "frontend" else {k: v for k, v in self.env.items() if k != API_KEYS_ENV}
         child = Child(name, argv, f"http://127.0.0.1:{port}", self.log_dir, env)
         self.children.append(child)
@@ -349,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.print_config:
         return cli_config.print_config(args)
+    setup_logging("up", args.log_level, args.log_format)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-serve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()

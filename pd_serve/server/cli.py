@@ -21,7 +21,6 @@ the engine are imported in `run`.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -29,6 +28,7 @@ from typing import Any
 
 from pd_serve import cli_config
 from pd_serve.config import ConfigError, EngineConfig, add_engine_arguments, engine_config_from_args
+from pd_serve.logs import LogConfig, add_log_arguments, granian_log_config, setup_logging
 from pd_serve.server.config import ServerConfig, ServerConfigError
 
 ROLE = "colocated"
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--profile-dir", default=None, help="default directory for /start_profile traces")
     g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    g.add_argument("--log-level", default=d.log_level, choices=("debug", "info", "warning", "error"))
+    add_log_arguments(g)
     add_engine_arguments(parser)
     cli_config.add_config_arguments(parser)
 
@@ -81,35 +81,38 @@ def run(args: argparse.Namespace) -> int:
     try:
         args = cli_config.resolve(args, ServerConfigError)
         engine, server = configs_from_args(args)
+        log = LogConfig(ROLE, args.log_level, args.log_format)
         if args.print_config:
             return cli_config.print_config(args)
         check_port_free(server.host, server.port)
     except (ConfigError, ServerConfigError, BootstrapConfigError, TypeError, ValueError) as exc:
         print(f"pd-serve {ROLE}: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2
-    return serve(engine, server)
+    return serve(engine, server, log)
 
 
-def build_app(engine: EngineConfig, server: ServerConfig) -> Any:
+def build_app(engine: EngineConfig, server: ServerConfig, log: LogConfig) -> Any:
     """Runs in the Granian worker: the app and its (not yet started) colocated backend."""
     from pd_serve.server.app import create_app
     from pd_serve.server.backend import ColocatedBackend
     from pd_serve.server.state import NodeState
 
-    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(log.role, log.level, log.fmt)
     return create_app(NodeState(server, engine, ColocatedBackend(engine)))
 
 
-def serve(engine: EngineConfig, server: ServerConfig, target_loader: Callable[[], Any] | None = None) -> int:
+def serve(
+    engine: EngineConfig, server: ServerConfig, log: LogConfig, target_loader: Callable[[], Any] | None = None
+) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code. `target_loader` builds the app in the
     worker (default: the colocated node's); the prefill and decode roles pass their own."""
     from pd_serve.http_common import granian_server
 
-    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    granian = granian_server("pd_serve.server.app:create_app", server.host, server.port, server.log_level,
-                             server.ssl_certfile, server.ssl_keyfile)
+    setup_logging(log.role, log.level, log.fmt)
+    granian = granian_server("pd_serve.server.app:create_app", server.host, server.port, log.level,
+                             server.ssl_certfile, server.ssl_keyfile, log_dictconfig=granian_log_config())
     _drain_before_stop(granian)
-    granian.serve(target_loader=target_loader or partial(build_app, engine, server), wrap_loader=False)
+    granian.serve(target_loader=target_loader or partial(build_app, engine, server, log), wrap_loader=False)
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from pd_serve import cli_config
 from pd_serve.config import ConfigError, DisaggConfig, EngineConfig
 from pd_serve.http_common import read_cluster_token
+from pd_serve.logs import LogConfig, setup_logging
 from pd_serve.server import cli as node_cli
 from pd_serve.server.config import ServerConfig, ServerConfigError
 
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         disagg = disagg_config(role, args, server, token)
         http_url = args.advertise_url or f"http{'s' if server.ssl_certfile else ''}://{server.host}:{server.port}"
         node_id = args.node_id or f"{role}-{server.host}-{server.port}".replace(":", "-")
+        log = LogConfig(role, args.log_level, args.log_format)
         registration = Registration(
             bootstrap_url=args.bootstrap,
             node_id=node_id,
@@ -87,11 +89,13 @@ def run(args: argparse.Namespace) -> int:
     if role == "prefill" and not args.bootstrap:
         print(f"pd-serve {role}: no --bootstrap: decode nodes must reach this node by its URL (pd.prefill_url)",
               file=sys.stderr)
-    loader = partial(build_app, role, engine, server, disagg, registration)
-    return node_cli.serve(engine, server, target_loader=loader)
+    loader = partial(build_app, role, engine, server, disagg, registration, log)
+    return node_cli.serve(engine, server, log, target_loader=loader)
 
 
-def build_app(role: str, engine: EngineConfig, server: ServerConfig, disagg: DisaggConfig, registration: Any) -> Any:
+def build_app(
+    role: str, engine: EngineConfig, server: ServerConfig, disagg: DisaggConfig, registration: Any, log: LogConfig
+) -> Any:
     """Runs in the Granian worker: the app and its (not yet started) role backend."""
     import logging
 
@@ -100,7 +104,7 @@ def build_app(role: str, engine: EngineConfig, server: ServerConfig, disagg: Dis
     from pd_serve.server.roles import DecodeBackend, PrefillBackend
     from pd_serve.server.state import NodeState
 
-    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(log.role, log.level, log.fmt)
     warn_if_open(logging.getLogger(f"pd_serve.{role}"), f"{role} node", server.cluster_token)
     backend_cls = PrefillBackend if role == "prefill" else DecodeBackend
     return create_app(NodeState(server, engine, backend_cls(engine, disagg, registration)))

@@ -5,14 +5,17 @@ The cluster is started once for the module through the real command, as a user w
 ready line, the official openai client (chat, streamed and not), HTTP/2 with prior knowledge and
 HTTP/1.1, the API key and OpenAI-shaped 4xx bodies, static mode (a second frontend started with
 `--prefill/--decode URL` lists in front of the same nodes: the decode node finds its peer through
-`pd.prefill_url`), and, last, SIGTERM of `up` leaving no process of its tree behind.
+`pd.prefill_url`), SIGTERM of `up` leaving no process of its tree behind, and, once it is gone, that
+`--log-format json` reached every child: each line of each child's log is a JSON object of its role.
 The 2P2D cluster (spreading, kill -9 of a prefill node, no compatible pair) is test_frontend_cluster.py.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,7 +37,9 @@ PROMPTS = ("the scheduler moves pages", "a longer prompt " * 12)
 @pytest.fixture(scope="module")
 def both() -> Iterator[tuple[UpProcess, NodeProcess]]:
     """The cluster and the colocated node, started side by side (each waits on torch imports)."""
-    cluster = UpProcess(["--num-prefill", "1", "--num-decode", "1", "--transfer-backend", "tcp"], KEY)
+    cluster = UpProcess(
+        ["--num-prefill", "1", "--num-decode", "1", "--transfer-backend", "tcp", "--log-format", "json"], KEY
+    )
     try:
         node = NodeProcess()
     except BaseException:
@@ -153,3 +158,18 @@ def test_sigterm_stops_every_child(up: UpProcess) -> None:
     up.popen.send_signal(signal.SIGTERM)
     assert up.popen.wait(60) == 0
     wait_until(lambda: not any(pid_alive(p) for p in tree), 30, "every process of the up tree exits")
+
+
+def test_every_child_logged_json_without_secrets(up: UpProcess) -> None:
+    """After the SIGTERM above, so shutdown lines are in the logs too."""
+    token = up.env["PD_SERVE_CLUSTER_TOKEN"]
+    logs = {p.stem: p.read_text(errors="replace") for p in Path(up.log_dir).glob("*.log")}
+    assert set(logs) == {"bootstrap", "prefill-0", "decode-0", "frontend"}
+    for name, text in logs.items():
+        role = name.split("-")[0]
+        records = [json.loads(line) for line in text.splitlines()]  # a line that is not JSON fails here
+        roles = {r["role"] for r in records}
+        assert roles <= {role, f"{role}/engine"} and role in roles, (name, roles)
+        if role in ("prefill", "decode"):
+            assert f"{role}/engine" in roles, name  # the engine process inherited the format
+        assert token not in text and KEY not in text, name
