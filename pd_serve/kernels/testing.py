@@ -7,9 +7,33 @@ kernel that reads past a context shows up as a wrong answer. Nothing here is use
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+TEST_DEVICE_VAR = "PD_SERVE_TEST_DEVICE"
+
+
+def kernel_test_device() -> str:
+    """Where the kernel tests run: "cpu" (default) under Triton's interpreter, or "cuda" compiled.
+
+    Called by the kernel test modules before they import the Triton modules: on CPU it sets
+    TRITON_INTERPRET=1 (read when the kernels are decorated); with PD_SERVE_TEST_DEVICE=cuda it
+    makes CUDA the default device instead, so that the same tests run on a GPU:
+    `PD_SERVE_TEST_DEVICE=cuda python3 -m pytest tests/unit/test_kernels_attention.py
+    tests/unit/test_kernels_elementwise.py` (bench/gpu_checks.sh does that).
+    """
+    device = os.environ.get(TEST_DEVICE_VAR, "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{TEST_DEVICE_VAR}: {device!r}; use cpu or cuda")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError(f"{TEST_DEVICE_VAR}=cuda runs the compiled kernels: unset TRITON_INTERPRET")
+        torch.set_default_device("cuda")
+    return device
 
 
 @dataclass(frozen=True)
@@ -36,7 +60,7 @@ def make_case(
     head_dim: int,
     page_size: int,
     dtype: torch.dtype,
-    device: str = "cpu",
+    device: str | None = None,  # None: torch's default device
 ) -> PagedCase:
     """q_lens[i] new tokens (1 for decode) at the end of a context of context_lens[i] tokens."""
     pages_per_seq = [-(-n // page_size) for n in context_lens]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,10 @@ def hf_reference(model_dirs: dict[str, Path]) -> dict[str, tuple[list[list[int]]
 
 
 def _llm(path: Path, **options: object) -> LLM:
-    return LLM(model=str(path), show_progress=False, dtype="float32", **options)
+    # PD_SERVE_TEST_DEVICE=cuda (bench/gpu_checks.sh): the engine on a GPU, its Triton kernels compiled,
+    # against the same transformers reference on CPU.
+    device = os.environ.get("PD_SERVE_TEST_DEVICE", "cpu")
+    return LLM(model=str(path), show_progress=False, dtype="float32", device=device, **options)
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 7, 32])

@@ -1,17 +1,18 @@
 """Triton decode and extend attention under TRITON_INTERPRET=1 on CPU, against the torch references.
 
 The interpreter is chosen when the kernels are decorated, so the variable is set before the Triton
-modules are imported. Outputs start as NaN and must come back fully written. Small block sizes are
+modules are imported. With PD_SERVE_TEST_DEVICE=cuda the same tests run compiled on a GPU
+(bench/gpu_checks.sh). Outputs start as NaN and must come back fully written. Small block sizes are
 forced through the `*_into` launchers so that short contexts still span several blocks and splits.
 """
 
 from __future__ import annotations
 
-import os
+import secrets
 
-os.environ["TRITON_INTERPRET"] = "1"
+from pd_serve.kernels.testing import kernel_test_device
 
-import secrets  # noqa: E402
+DEVICE = kernel_test_device()  # before the Triton modules are imported: "cpu" sets TRITON_INTERPRET=1
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,16 +1,17 @@
 """Triton store_kv, page gather/scatter, RMSNorm and rotary under TRITON_INTERPRET=1, against the references.
 
 The interpreter is chosen when the kernels are decorated, so the variable is set before the Triton
-modules are imported. Buffers a kernel must fill start as NaN and must come back fully written.
+modules are imported. With PD_SERVE_TEST_DEVICE=cuda the same tests run compiled on a GPU
+(bench/gpu_checks.sh). Buffers a kernel must fill start as NaN and must come back fully written.
 """
 
 from __future__ import annotations
 
-import os
+import secrets
 
-os.environ["TRITON_INTERPRET"] = "1"
+from pd_serve.kernels.testing import kernel_test_device
 
-import secrets  # noqa: E402
+DEVICE = kernel_test_device()  # before the Triton modules are imported: "cpu" sets TRITON_INTERPRET=1
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
