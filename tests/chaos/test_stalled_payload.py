@@ -17,36 +17,23 @@ import pytest
 import torch
 
 from pd_serve.transfer import LayoutFingerprint, RoomState, TransferConfig, TransferEngine
-from pd_serve.transfer.messages import FRAME_PREFIX, Data, HelloReply, RoomAccept, decode, encode
+from pd_serve.transfer.messages import Data, HelloReply, RoomAccept, encode
 from pd_serve.transfer.node import host_id
+from pd_serve.transfer.testing import read_frame
 
 FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
 PAGE_BYTES = 4 * 2 * 8 * 4  # page_size * heads * head_dim * float32
 TIMEOUT_S = 1.0
 
 
-def _read_frame(sock: socket.socket) -> object:
-    prefix = _read_exact(sock, FRAME_PREFIX.size)
-    header_len, _ = FRAME_PREFIX.unpack(prefix)
-    return decode(_read_exact(sock, header_len))
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return buf
 
 
 def _stalling_peer(listener: socket.socket, closed: threading.Event) -> None:
     conn, _ = listener.accept()
     conn.settimeout(30)
-    _read_frame(conn)  # Hello
+    read_frame(conn)  # Hello
     conn.sendall(encode(HelloReply(True, None, host_id(), 1)))
-    request = _read_frame(conn)
+    request = read_frame(conn)
     room = request.room  # type: ignore[attr-defined]
     conn.sendall(encode(RoomAccept(room)))
     nbytes = 2 * 2 * 2 * PAGE_BYTES  # 2 layers, K and V, destination pages 3 and 4

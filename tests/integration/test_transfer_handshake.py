@@ -22,17 +22,16 @@ from transfer_helpers import wait_terminal
 from pd_serve.transfer import LayoutFingerprint, RoomState, TransferConfig, TransferEngine
 from pd_serve.transfer.handshake import new_nonce, proof
 from pd_serve.transfer.messages import (
-    FRAME_PREFIX,
     PROTOCOL_VERSION,
     Hello,
     HelloProof,
     HelloReply,
     Message,
     RoomRequest,
-    decode,
     encode,
 )
 from pd_serve.transfer.node import host_id
+from pd_serve.transfer.testing import read_frame, split_frames
 
 TOKEN = "cluster-" + secrets.token_urlsafe(24)
 FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
@@ -67,30 +66,6 @@ def _until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
     return pred()
 
 
-def _frames(data: bytes) -> list[tuple[Message, bytes]]:
-    """Every whole frame in a captured byte stream: (message, its header frame bytes)."""
-    out, pos = [], 0
-    while pos + FRAME_PREFIX.size <= len(data):
-        header_len, payload_len = FRAME_PREFIX.unpack_from(data, pos)
-        end = pos + FRAME_PREFIX.size + header_len
-        out.append((decode(data[pos + FRAME_PREFIX.size : end]), data[pos:end]))
-        pos = end + payload_len
-    return out
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return buf
-
-
-def _read(sock: socket.socket) -> Message:
-    header_len, _ = FRAME_PREFIX.unpack(_read_exact(sock, FRAME_PREFIX.size))
-    return decode(_read_exact(sock, header_len))
 
 
 def _closed(sock: socket.socket) -> bool:
@@ -161,7 +136,7 @@ def test_the_token_never_crosses_the_wire_and_a_replayed_proof_is_refused() -> N
         digest = hashlib.sha256(TOKEN.encode())
         for secret in (TOKEN.encode(), digest.hexdigest().encode(), digest.digest()):
             assert secret not in wire
-        up, down = _frames(bytes(proxy.up)), _frames(bytes(proxy.down))
+        up, down = split_frames(bytes(proxy.up)), split_frames(bytes(proxy.down))
         assert [m.kind for m, _ in up[:3]] == ["hello", "hello_proof", "room_request"]
         assert [m.kind for m, _ in down[:2]] == ["hello_reply", "room_accept"]
         (hello, hello_raw), (_, proof_raw), (reply, _) = up[0], up[1], down[0]
@@ -171,10 +146,10 @@ def test_the_token_never_crosses_the_wire_and_a_replayed_proof_is_refused() -> N
         tx2 = prefill.sender(12)
         with _raw(prefill) as sock:
             sock.sendall(hello_raw)
-            fresh = _read(sock)
+            fresh = read_frame(sock)
             assert isinstance(fresh, HelloReply) and fresh.ok and fresh.nonce != reply.nonce
             sock.sendall(proof_raw + _request(12))
-            refusal = _read(sock)
+            refusal = read_frame(sock)
             assert isinstance(refusal, HelloReply) and not refusal.ok
             assert "receiver could not prove the cluster token" in (refusal.reason or "")
             assert TOKEN not in (refusal.reason or "")
@@ -192,12 +167,12 @@ def test_a_receiver_without_the_token_is_refused_by_the_sender(auth: bool) -> No
         with _raw(prefill) as sock:
             hello = _hello(auth)
             sock.sendall(encode(hello))
-            reply = _read(sock)
+            reply = read_frame(sock)
             if auth:  # a proof made with another token, then a room request right behind it
                 assert isinstance(reply, HelloReply) and reply.ok and reply.nonce
                 forged = proof("not-" + TOKEN, "receiver", hello, reply.nonce, reply.host_id)
                 sock.sendall(encode(HelloProof(forged)) + _request(21))
-                reply = _read(sock)
+                reply = read_frame(sock)
             assert isinstance(reply, HelloReply) and not reply.ok
             reason = reply.reason or ""
             expected = "receiver could not prove" if auth else "token setting differs"
@@ -215,7 +190,7 @@ def _impostor(listener: socket.socket, token: str | None, received: list[Message
     conn, _ = listener.accept()
     with conn:
         conn.settimeout(20)
-        hello = _read(conn)
+        hello = read_frame(conn)
         assert isinstance(hello, Hello)
         received.append(hello)
         nonce = new_nonce()
@@ -223,7 +198,7 @@ def _impostor(listener: socket.socket, token: str | None, received: list[Message
         conn.sendall(encode(HelloReply(True, None, host_id(), 1, nonce, forged)))
         try:
             while True:
-                received.append(_read(conn))
+                received.append(read_frame(conn))
         except (ConnectionError, OSError):
             pass
 
@@ -275,7 +250,7 @@ def test_room_messages_before_the_proof_close_the_connection() -> None:
             assert _closed(sock)
         with _raw(prefill) as sock:  # after the Hello, before the proof
             sock.sendall(encode(_hello(True)))
-            assert isinstance(_read(sock), HelloReply)
+            assert isinstance(read_frame(sock), HelloReply)
             sock.sendall(_request(51))
             assert _closed(sock)
         with _raw(prefill) as sock:  # a peer that says nothing is cut after connect_timeout
@@ -285,10 +260,10 @@ def test_room_messages_before_the_proof_close_the_connection() -> None:
         with _raw(prefill) as sock:  # the same peer, in order and with the token: accepted
             hello = _hello(True)
             sock.sendall(encode(hello))
-            reply = _read(sock)
+            reply = read_frame(sock)
             assert isinstance(reply, HelloReply) and reply.ok and reply.nonce
             sock.sendall(encode(HelloProof(proof(TOKEN, "receiver", hello, reply.nonce, reply.host_id))))
             sock.sendall(_request(51))
-            assert _read(sock).kind == "room_accept"
+            assert read_frame(sock).kind == "room_accept"
             assert _until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT)
         tx.abort()
