@@ -52,9 +52,11 @@ PROGRESS_MODE = "blocking"
 
 
 class _Peer:
-    def __init__(self, nonce: int) -> None:
+    def __init__(self, nonce: int, address: str = "") -> None:
         self.nonce = nonce
+        self.address = address  # the peer's worker address (hex), for an endpoint made later
         self.endpoint: Any = None
+        self.connecting = asyncio.Lock()
         self.counter = itertools.count()
 
     def next_tag(self, parts: int) -> int:
@@ -90,21 +92,48 @@ class UcxPlane(DataPlane):
 
     async def on_hello(self, conn: Connection, peer: Any) -> str | None:
         nonce_hex, _, address = (peer.ucx_address or "").rpartition(":")
+        try:
+            nonce, _ = int(nonce_hex or "0", 16), bytes.fromhex(address)
+        except ValueError:
+            return "ucx peer sent a malformed worker address"
         if not address:
             return "ucx peer sent no worker address"
         if not conn.outbound:
-            conn.plane_state = _Peer(int(nonce_hex, 16))
-        addr = self._ucxx.get_ucx_address_from_buffer(bytes.fromhex(address))
-        try:
-            conn.plane_state.endpoint = await self._ucxx.create_endpoint_from_worker_address(
-                addr, endpoint_error_handling=self.config.ucx_error_handling
-            )
-        except Exception as exc:  # ucxx raises its own exception types
-            return f"ucx endpoint to {conn.peer} failed: {exc}"
+            # The sender side runs this before the receiver has proved the cluster token, so it only
+            # notes the address: the endpoint is made at the first send, after the handshake. UCX
+            # aborts the process on a malformed address, so only a peer that proved the token (or
+            # any peer, on a cluster run without one) may have its address unpacked.
+            conn.plane_state = _Peer(nonce, address)
+            return None
+        conn.plane_state.address = address
+        return await self._endpoint(conn)
+
+    async def _endpoint(self, conn: Connection) -> str | None:
+        """Make the connection's endpoint once; returns a failure reason or None."""
+        peer: _Peer = conn.plane_state
+        async with peer.connecting:
+            if peer.endpoint is not None:
+                return None
+            addr = self._ucxx.get_ucx_address_from_buffer(bytes.fromhex(peer.address))
+            try:
+                peer.endpoint = await asyncio.wait_for(
+                    self._ucxx.create_endpoint_from_worker_address(
+                        addr, endpoint_error_handling=self.config.ucx_error_handling
+                    ),
+                    self.config.connect_timeout,
+                )
+            except Exception as exc:  # ucxx raises its own exception types; TimeoutError too
+                return f"ucx endpoint to {conn.peer} failed: {exc}"
+            if conn.closed:  # closed while the endpoint was being made: close_connection has run
+                self.close_connection(conn)
+                return f"connection to {conn.peer} closed"
         return None
 
     async def send_data(self, conn: Connection, header: Data, views: list[torch.Tensor]) -> None:
         peer: _Peer = conn.plane_state
+        reason = await self._endpoint(conn)
+        if reason is not None:
+            raise ConnectionError(reason)
         tag = peer.next_tag(len(views))
         await conn.send(Data(**{**header.__dict__, "tag": tag, "parts": len(views)}))
         ep = peer.endpoint

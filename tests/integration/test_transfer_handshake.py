@@ -38,14 +38,16 @@ FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
 WAIT_S = 2.0
 
 
-def _engine(token: str | None, seed: int | None = None, connect_timeout: float = WAIT_S) -> TransferEngine:
+def _engine(
+    token: str | None, seed: int | None = None, connect_timeout: float = WAIT_S, backend: str = "tcp"
+) -> TransferEngine:
     gen = torch.Generator().manual_seed(seed or 0)
 
     def pool() -> torch.Tensor:
         return torch.randn(8, 4, 2, 8, generator=gen) if seed is not None else torch.zeros(8, 4, 2, 8)
 
     config = TransferConfig(
-        backend="tcp",
+        backend=backend,
         token=token,
         bootstrap_timeout=WAIT_S,
         waiting_timeout=WAIT_S,
@@ -182,6 +184,28 @@ def test_a_receiver_without_the_token_is_refused_by_the_sender(auth: bool) -> No
         assert prefill.stats()["refused_connections"] == 1
         assert prefill.stats()["pending_room_requests"] == 0
         tx.abort()
+
+
+def test_a_ucx_sender_makes_no_endpoint_for_a_peer_that_has_not_proved_the_token() -> None:
+    """The worker address in an unproved Hello is only noted, not handed to UCX.
+
+    Before, the sender made its endpoint to that address while answering the Hello, and UCX aborts
+    the whole process on a malformed one: one forged Hello killed a prefill node.
+    """
+    pytest.importorskip("ucxx")
+    with _engine(TOKEN, seed=1, backend="ucx") as prefill:
+        with _raw(prefill) as sock:
+            hello = Hello(PROTOCOL_VERSION, "ucx", True, new_nonce(), host_id(), 1, "0000abcd:" + "5a" * 64)
+            sock.sendall(encode(hello))
+            reply = read_frame(sock)
+            assert isinstance(reply, HelloReply) and reply.ok and reply.nonce, reply
+            forged = proof("not-" + TOKEN, "receiver", hello, reply.nonce, reply.host_id)
+            sock.sendall(encode(HelloProof(forged)))
+            refusal = read_frame(sock)
+            assert isinstance(refusal, HelloReply) and not refusal.ok
+            assert "receiver could not prove the cluster token" in (refusal.reason or "")
+            assert _closed(sock)
+        assert prefill.stats()["refused_connections"] == 1
 
 
 def _impostor(listener: socket.socket, token: str | None, received: list[Message]) -> None:
