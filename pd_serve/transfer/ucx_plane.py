@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import string
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,10 @@ UCX_OPTIONS = {
     "WARN_UNUSED_ENV_VARS": "n",
 }
 PROGRESS_MODE = "blocking"
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in string.hexdigits for c in text)
 
 
 class _Peer:
@@ -92,12 +97,12 @@ class UcxPlane(DataPlane):
 
     async def on_hello(self, conn: Connection, peer: Any) -> str | None:
         nonce_hex, _, address = (peer.ucx_address or "").rpartition(":")
-        try:
-            nonce, _ = int(nonce_hex or "0", 16), bytes.fromhex(address)
-        except ValueError:
+        # the nonce becomes the high 32 bits of every tag on this connection: exactly 8 hex digits
+        if not (len(nonce_hex) == 8 and _is_hex(nonce_hex) and len(address) % 2 == 0 and _is_hex(address)):
             return "ucx peer sent a malformed worker address"
         if not address:
             return "ucx peer sent no worker address"
+        nonce = int(nonce_hex, 16)
         if not conn.outbound:
             # The sender side runs this before the receiver has proved the cluster token, so it only
             # notes the address: the endpoint is made at the first send, after the handshake. UCX
@@ -155,14 +160,29 @@ class UcxPlane(DataPlane):
         await self._recv_all(conn, header.tag, targets)
         return live()
 
-    async def discard(self, conn: Connection, header: Data, payload_len: int, part_bytes: list[int]) -> None:
-        if header.tag is not None and conn.plane_state is not None:
-            await self._recv_all(
-                conn, header.tag, [torch.empty(n, dtype=torch.uint8).numpy() for n in part_bytes]
+    def data_refusal(self, header: Data, payload_len: int) -> str | None:
+        parts = 1 if header.staged else 2 * (header.layers[1] - header.layers[0]) * len(header.runs)
+        if payload_len or header.parts != parts:
+            return (
+                f"ucx Data in {header.parts} parts with a {payload_len}-byte payload; its runs make {parts}"
             )
+        if header.tag is None or not 0 <= header.tag <= 2**64 - parts:
+            return f"ucx Data with tag {header.tag}"
+        return None
+
+    async def discard(self, conn: Connection, header: Data, payload_len: int, part_bytes: list[int]) -> None:
+        """Receive the parts one after another into one scratch buffer (tag matching keeps the
+        others waiting), so a discarded message costs its largest part in memory, not its sum."""
+        peer = conn.plane_state
+        if header.tag is None or not isinstance(peer, _Peer) or peer.endpoint is None:
+            return
+        scratch = torch.empty(max(part_bytes), dtype=torch.uint8).numpy()
+        for i, n in enumerate(part_bytes):
+            await self._recv_all(conn, header.tag + i, [scratch[:n]])
 
     def _scratch(self, view: torch.Tensor) -> Any:
-        return torch.empty(view.numel() * view.element_size(), dtype=torch.uint8, device=view.device).numpy()
+        """Somewhere to receive a part meant for `view` whose room is gone (same device: host or GPU)."""
+        return byte_view(torch.empty(view.numel() * view.element_size(), dtype=torch.uint8, device=view.device))
 
     async def _recv_all(self, conn: Connection, tag: int, targets: list[Any]) -> None:
         ep = conn.plane_state.endpoint
