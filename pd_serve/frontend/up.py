@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import secrets
 import signal
@@ -48,6 +49,8 @@ from pd_serve.logs import add_log_arguments, setup_logging
 
 READY_POLL_S = 0.2
 _PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("pd_serve.up")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -296,14 +299,14 @@ class Cluster:
                 if code is None or child in reported:
                     continue
                 reported.add(child)
-                print(
-                    f"pd-serve up: {child.name} exited with {code}; log {child.log_path}:\n{child.log_tail(1500)}",
-                    file=sys.stderr,
-                    flush=True,
+                say(
+                    self.args,
+                    f"{child.name} exited with {code}; log {child.log_path}:\n{child.log_tail(1500)}",
+                    logging.ERROR,
                 )
                 if self.args.restart:
                     child.signal(signal.SIGKILL)  # what is left of its process group
-                    print(f"pd-serve up: restarting {child.name}", file=sys.stderr, flush=True)
+                    say(self.args, f"restarting {child.name}", logging.WARNING)
                     self.restart(child)
                 elif child in (self.frontend, self.bootstrap):
                     return 1
@@ -321,6 +324,14 @@ class Cluster:
             child.signal(signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.popen.wait(5.0)
+
+
+def say(args: argparse.Namespace, message: str, level: int) -> None:
+    """A status line of `up` itself: plain on stderr, or a log record with --log-format json."""
+    if args.log_format == "json":
+        log.log(level, message)
+    else:
+        print(f"pd-serve up: {message}", file=sys.stderr, flush=True)
 
 
 def child_env(args: argparse.Namespace, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -377,9 +388,9 @@ def run(args: argparse.Namespace) -> int:
         )
         code = cluster.watch()
     except ClusterFailed as exc:
-        print(f"pd-serve up: {exc}", file=sys.stderr, flush=True)
+        say(args, str(exc), logging.ERROR)
         code = 1
     finally:
-        print("pd-serve up: stopping", file=sys.stderr, flush=True)
+        say(args, "stopping", logging.INFO)
         cluster.stop(args.grace)
     return code

@@ -79,8 +79,10 @@ def test_odd_records_never_raise(capture: tuple[logging.Logger, io.StringIO]) ->
 
 SECRETS = [
     ("Authorization: Bearer sk-live-0123456789", "Authorization: Bearer ***"),
-    ("headers [(b'authorization', b'Bearer tok_ABCdef123'), (b'x-pd-cluster-token', b'cl-9f8e7d')]",
-     "headers [(b'authorization', b'Bearer ***'), (b'x-pd-cluster-token', b'***')]"),
+    (
+        "headers [(b'authorization', b'Bearer tok_ABCdef123'), (b'x-pd-cluster-token', b'cl-9f8e7d')]",
+        "headers [(b'authorization', b'Bearer ***'), (b'x-pd-cluster-token', b'***')]",
+    ),
     ("X-PD-Cluster-Token: Zm9vYmFyYmF6", "X-PD-Cluster-Token: ***"),
     ("retry with bearer eyJhbGciOi.J9-x_y", "retry with bearer ***"),
     ("GET /x?api_key=abc123&limit=2", "GET /x?api_key=***&limit=2"),
@@ -146,3 +148,20 @@ def test_granian_loggers_propagate_to_ours() -> None:
     assert config["handlers"] == {} and config["formatters"] == {}
     assert all(v == {"handlers": [], "propagate": True} for v in config["loggers"].values())
     assert set(config["loggers"]) == {"_granian", "granian.access"}
+
+
+def test_up_status_lines_follow_the_log_format(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import argparse
+
+    from pd_serve.frontend.up import say
+
+    say(argparse.Namespace(log_format="text"), "decode-0 exited with -9", logging.ERROR)
+    assert capsys.readouterr().err == "pd-serve up: decode-0 exited with -9\n"
+    with caplog.at_level(logging.INFO, logger="pd_serve.up"):
+        say(argparse.Namespace(log_format="json"), "stopping", logging.INFO)
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("pd_serve.up", logging.INFO, "stopping")
+    ]
+    assert capsys.readouterr().err == ""
