@@ -3,7 +3,8 @@
 On a GPU it measures decode attention's achieved bandwidth and prefill (extend) attention's TFLOP/s
 at the issue's sizes, and gather/scatter GB/s, each against a device-to-device copy timed in the
 same run (targets on H100/H200: decode >= 70% of copy bandwidth at batch 64, context 4096;
-gather/scatter >= 80%). Timings are medians of triton.testing.do_bench (CUDA events).
+gather/scatter >= 80%). Timings are medians of triton.testing.do_bench (CUDA events). On a GPU it
+also sweeps decode's context block and the page copy's block size, as fractions of the copy.
 
 Without a GPU the kernels can only run under TRITON_INTERPRET=1 at toy sizes: the JSON then says
 so, and its numbers only show that the script and the kernels run, not how fast they would be.
@@ -128,6 +129,33 @@ def bench_pages(s: Sizes, device: str) -> dict[str, float]:
     return out
 
 
+def bench_sweeps(s: Sizes, device: str, copy_gbs: float) -> dict[str, dict[str, float]]:
+    """Fraction of copy bandwidth per block size, so that one GPU run says which to keep:
+    decode attention's context tokens per loop step, and the page copy's elements per program."""
+    from pd_serve.kernels.triton_decode import decode_into
+    from pd_serve.kernels.triton_kv import _page_copy
+
+    case = make_case([s.context] * s.batch, [1] * s.batch, s.num_heads, s.kv_heads, s.head_dim, s.page_size,
+                     torch.bfloat16, device)  # fmt: skip
+    kv_bytes = 2 * s.batch * s.context * s.kv_heads * s.head_dim * case.k_pool.element_size()
+    out = torch.empty_like(case.q)
+    decode: dict[str, float] = {}
+    for block_n in (32, 64, 128):
+        ms = time_ms(lambda b=block_n: decode_into(case.q, case.k_pool, case.v_pool, case.page_table,
+                                                   case.context_lens, case.scale, out, 1, b))  # fmt: skip
+        decode[f"block_n={block_n}"] = kv_bytes / ms / 1e6 / copy_gbs
+    shape = (4 * s.transfer_pages, s.page_size, s.kv_heads, s.head_dim)
+    pools = [torch.randn(shape, dtype=torch.bfloat16, device=device) for _ in range(2 * s.layers)]
+    ids = torch.randperm(shape[0], device=device)[: s.transfer_pages]
+    staging = torch.empty(len(pools), s.transfer_pages, *shape[1:], dtype=torch.bfloat16, device=device)
+    moved = 2 * staging.numel() * staging.element_size()
+    gather: dict[str, float] = {}
+    for block in (1024, 2048, 4096, 8192):
+        ms = time_ms(lambda b=block: _page_copy(pools, ids, staging, True, b))
+        gather[f"block={block}"] = moved / ms / 1e6 / copy_gbs
+    return {"decode_fraction_of_copy": decode, "gather_fraction_of_copy": gather}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,6 +179,8 @@ def main() -> None:
         "gather": result["pages"]["gather_triton_GB/s"] / copy_bw,
         "scatter": result["pages"]["scatter_triton_GB/s"] / copy_bw,
     }
+    if ON_GPU:  # under the interpreter the sweeps would take minutes and mean nothing
+        result["sweeps"] = bench_sweeps(sizes, device, copy_bw)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

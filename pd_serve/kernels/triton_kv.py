@@ -133,13 +133,14 @@ def _page_copy(
     page_ids: torch.Tensor,  # [n] int64
     staging: torch.Tensor,  # [len(pools), n, page_size, kv_heads, head_dim]
     to_staging: bool,
+    max_block: int = _PAGE_BLOCK,  # elements per program; bench_kernels.py sweeps it on a GPU
 ) -> None:
     n = page_ids.shape[0]
     if n == 0:
         return
     page_numel = pools[0][0].numel()
     pool_ptrs = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64, device=staging.device)
-    block = min(_PAGE_BLOCK, pow2(page_numel))
+    block = min(max_block, pow2(page_numel))
     grid = (len(pools) * n, triton.cdiv(page_numel, block))
     page_bytes = pools[0].stride(0) * pools[0].element_size()
     aligned = page_bytes % 16 == 0 and all(p.data_ptr() % 16 == 0 for p in pools)
