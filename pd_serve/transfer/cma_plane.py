@@ -26,6 +26,7 @@ from pd_serve.transfer.messages import Data
 from pd_serve.transfer.plane import DataPlane
 
 _IOV_MAX = 1024
+PROBE_MAX_BYTES = 4096  # the probe buffer a peer may ask us to read back at the handshake
 READ_THREADS = 2  # parallel process_vm_readv calls: measured 1.2-1.5x one call on 2 cores
 
 
@@ -103,7 +104,12 @@ class CmaPlane(DataPlane):
             return f"cma needs both engines on one host; peer host {peer.host_id!r} is not {host_id()!r}"
         if not conn.outbound:
             return None
-        address, length, crc = peer.probe
+        probe = peer.probe
+        if probe is None or len(probe) != 3 or probe[0] < 0 or not 0 < probe[1] <= PROBE_MAX_BYTES:
+            return f"cma peer sent a malformed probe {str(probe)[:80]}"
+        if not 0 < peer.pid < 2**31:
+            return f"cma peer sent a malformed pid {peer.pid}"
+        address, length, crc = probe
         buf = np.zeros(length, dtype=np.uint8)
         local = iovecs(np.array([buf.ctypes.data], np.uint64), np.array([length], np.uint64))
         remote = iovecs(np.array([address], np.uint64), np.array([length], np.uint64))
@@ -112,6 +118,16 @@ class CmaPlane(DataPlane):
         except OSError as exc:
             return f"cma probe read failed ({exc}); check ptrace permissions or use --transfer-backend tcp"
         return None if zlib.crc32(buf.tobytes()) == crc else "cma probe read returned wrong bytes"
+
+    def data_refusal(self, header: Data, payload_len: int) -> str | None:
+        base, starts = header.src_base, header.src_starts
+        if base is None or starts is None or payload_len:
+            return "cma Data without source addresses, or with a payload"
+        if len(starts) != len(header.runs) or len(base) != 2 * (header.layers[1] - header.layers[0]):
+            return "cma Data source addresses do not match its runs"
+        if any(v < 0 for v in (*base, *starts)):
+            return "cma Data with a negative source address"
+        return None
 
     async def send_data(self, conn: Connection, header: Data, views: list[torch.Tensor]) -> None:
         await conn.send(header)  # carries src_base / src_starts; the receiver pulls
@@ -124,12 +140,9 @@ class CmaPlane(DataPlane):
         views: list[torch.Tensor],
         live: Callable[[], bool],
     ) -> bool:
-        if header.src_base is None or header.src_starts is None or payload_len:
-            raise ConnectionError("cma Data without source addresses")
+        assert header.src_base is not None and header.src_starts is not None  # data_refusal
         first, end = header.layers
         counts = [count for _, count in header.runs]
-        if len(header.src_starts) != len(counts) or len(header.src_base) != 2 * (end - first):
-            raise ConnectionError("cma Data source addresses do not match its runs")
         local = iovecs(
             *self.pools.regions(self.pools.bases(range(first, end)), [s for s, _ in header.runs], counts)
         )

@@ -13,7 +13,15 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from pd_serve.transfer.messages import FRAME_PREFIX, MAX_HEADER_BYTES, Message, MessageError, decode, encode
+from pd_serve.transfer.messages import (
+    FRAME_PREFIX,
+    MAX_HANDSHAKE_HEADER_BYTES,
+    MAX_HEADER_BYTES,
+    Message,
+    MessageError,
+    decode,
+    encode,
+)
 
 Handler = Callable[["Connection", Message, int], Awaitable[None]]
 
@@ -89,16 +97,32 @@ class Connection:
             nbytes -= n
 
     async def run_reader(self, handler: Handler) -> None:
-        """Read frames until the connection closes; the handler must consume each frame's payload."""
+        """Read frames until the connection closes; the handler must consume each frame's payload.
+        Until the handshake is complete a header may hold MAX_HANDSHAKE_HEADER_BYTES at most."""
         prefix = bytearray(FRAME_PREFIX.size)
         while True:
             await self.read_into(memoryview(prefix))
             header_len, payload_len = FRAME_PREFIX.unpack(prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise MessageError(f"control header of {header_len} bytes exceeds {MAX_HEADER_BYTES}")
-            body = bytearray(header_len)
+            limit = MAX_HEADER_BYTES if self.hello is not None else MAX_HANDSHAKE_HEADER_BYTES
+            if header_len > limit:
+                raise MessageError(f"control header of {header_len} bytes from {self.peer} exceeds {limit}")
+            await handler(self, decode(await self._read_header(header_len)), payload_len)
+
+    async def _read_header(self, n: int) -> bytes:
+        """n bytes, held only as they arrive: a peer that announces a large header and sends
+        nothing makes this side allocate nothing."""
+        if n <= 65536:
+            body = bytearray(n)
             await self.read_into(memoryview(body))
-            await handler(self, decode(bytes(body)), payload_len)
+            return bytes(body)
+        parts = []
+        while n > 0:
+            chunk = await self._loop.sock_recv(self.sock, min(n, self.chunk_bytes))
+            if not chunk:
+                raise ConnectionClosed(f"peer {self.peer} closed the connection")
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -115,7 +115,7 @@ class Handshake:
 
     async def on_handshake(self, conn: Connection, msg: Hello | HelloReply | HelloProof) -> None:
         if isinstance(msg, HelloReply) and not msg.ok and conn.outbound:
-            raise ConnectionClosed(f"peer refused the connection: {msg.reason}")
+            raise ConnectionClosed(f"peer refused the connection: {str(msg.reason)[:500]}")
         expected = HelloReply if conn.outbound else HelloProof if conn.handshake is not None else Hello
         if conn.hello is not None or not isinstance(msg, expected):
             raise MessageError(f"unexpected {msg.kind} from {conn.peer} in the handshake")

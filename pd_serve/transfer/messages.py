@@ -8,14 +8,18 @@ header and move the bytes out of band. This module must never touch sockets or t
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Union
 
 import orjson
 
 PROTOCOL_VERSION = 2  # 2: token proven by HMAC challenge-response, never sent (handshake.py)
 FRAME_PREFIX = struct.Struct("<IQ")  # header length, payload length
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_HANDSHAKE_HEADER_BYTES = 64 * 1024  # before the handshake: a Hello is under 2 KiB
+_INT_RANGE = range(-(2**63), 2**64)  # what a 64-bit field holds (tags are unsigned)
 
 
 class MessageError(ValueError):
@@ -144,16 +148,59 @@ def encode(message: Message, payload_len: int = 0) -> bytes:
 
 
 def decode(body: bytes) -> Message:
+    """The message in a frame's header, every field of its declared type (MessageError if not):
+    handlers never see a string where an int belongs, a float room id, or an int past 64 bits."""
     raw: Any = None
     try:
         raw = orjson.loads(body)
         cls = _KINDS[raw.pop("t")]
-        return cls(**raw)  # type: ignore[no-any-return]
+        message = cls(**raw)
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        version = raw.get("version", PROTOCOL_VERSION) if isinstance(raw, dict) else PROTOCOL_VERSION
-        if version != PROTOCOL_VERSION:  # an older Hello has other fields: say why it fails
-            raise MessageError(
-                f"peer speaks transfer protocol version {version!r}, this engine {PROTOCOL_VERSION}: "
-                "run the same pd-serve version on every node"
-            ) from exc
-        raise MessageError(f"undecodable control frame: {exc}") from exc
+        raise _decode_error(raw, f"undecodable control frame: {exc}") from exc
+    bad = next(
+        (f.name for f in fields(message) if not _conforms(getattr(message, f.name), _TYPES[cls][f.name])),
+        None,
+    )
+    if bad is not None:
+        value = repr(getattr(message, bad))
+        value = value if len(value) <= 80 else value[:77] + "..."
+        hint = _TYPES[cls][bad]
+        raise _decode_error(
+            raw, f"{cls.kind}: field {bad} = {value} is not {getattr(hint, '__name__', hint)}"
+        )
+    return message  # type: ignore[no-any-return]
+
+
+def _decode_error(raw: Any, detail: str) -> MessageError:
+    version = raw.get("version", PROTOCOL_VERSION) if isinstance(raw, dict) else PROTOCOL_VERSION
+    if version != PROTOCOL_VERSION:  # an older Hello has other fields: say why it fails
+        return MessageError(
+            f"peer speaks transfer protocol version {version!r}, this engine {PROTOCOL_VERSION}: "
+            "run the same pd-serve version on every node"
+        )
+    return MessageError(detail)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a decoded JSON value has the declared type: int (not bool, 64-bit), float (or int),
+    str, bool, None, list[X] (every item), dict (keys are JSON strings), Any, and unions of these."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is int:
+        return type(value) is int and value in _INT_RANGE
+    if hint is float:
+        return type(value) in (int, float)
+    if hint is type(None):
+        return value is None
+    return type(value) is hint
+
+
+_TYPES: dict[type[Any], dict[str, Any]] = {cls: typing.get_type_hints(cls) for cls in _KINDS.values()}

@@ -9,6 +9,7 @@ and timeouts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -19,6 +20,7 @@ from pd_serve.transfer.connection import Connection, ConnectionClosed
 from pd_serve.transfer.handshake import Handshake
 from pd_serve.transfer.layout import PoolSet
 from pd_serve.transfer.messages import (
+    Data,
     Hello,
     HelloProof,
     HelloReply,
@@ -33,7 +35,11 @@ from pd_serve.transfer.receiving import ReceivePath
 from pd_serve.transfer.room import Destination, Room
 from pd_serve.transfer.sending import SendPath
 
+log = logging.getLogger(__name__)
+
 SWEEP_INTERVAL_S = 0.05
+ACCEPT_RETRY_S = 0.1  # after a failed accept (no file descriptor left): wait, then accept again
+MAX_REASON_CHARS = 500  # a peer's abort reason, as kept and shown
 
 
 def host_id() -> str:
@@ -56,6 +62,7 @@ class Node(SendPath, ReceivePath, Handshake):
         self.finished: OrderedDict[int, None] = OrderedDict()
         self.conns: dict[str, asyncio.Task[Connection]] = {}
         self.inbound: set[Connection] = set()
+        self.outbound: set[Connection] = set()  # open outbound connections (self.conns: their tasks)
         self.stats: Counter[str] = Counter()
         self.host_id = host_id()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -69,12 +76,23 @@ class Node(SendPath, ReceivePath, Handshake):
     # ---- listening and connections -------------------------------------------------------
 
     async def serve(self, lsock: socket.socket) -> None:
+        """Accept control connections until the engine closes. A failed accept (EMFILE when a flood
+        of connections used every file descriptor) is logged and retried: it must never end the
+        listener, or this engine would take no connection again."""
         loop = asyncio.get_running_loop()
         while True:
-            sock, addr = await loop.sock_accept(lsock)
-            conn = Connection(
-                sock, f"{addr[0]}:{addr[1]}", outbound=False, chunk_bytes=self.config.chunk_bytes
-            )
+            try:
+                sock, addr = await loop.sock_accept(lsock)
+                conn = Connection(
+                    sock, f"{addr[0]}:{addr[1]}", outbound=False, chunk_bytes=self.config.chunk_bytes
+                )
+            except OSError as exc:
+                if lsock.fileno() < 0:  # the engine closed its endpoint
+                    return
+                self.stats["accept_errors"] += 1
+                log.warning("transfer endpoint: accepting a control connection failed: %s", exc)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             self.inbound.add(conn)
             loop.call_later(self.config.connect_timeout, self.handshake_deadline, conn)
             self.spawn(self._run_conn(conn))
@@ -83,12 +101,19 @@ class Node(SendPath, ReceivePath, Handshake):
         reason = "closed"
         try:
             await conn.run_reader(self.handle)
-        except (ConnectionClosed, OSError, MessageError) as exc:
+        except MessageError as exc:  # a peer of another version, or a hostile one: say which frame
+            reason = str(exc)[:MAX_REASON_CHARS]
+            log.warning("transfer control connection %s closed: %s", conn.peer, reason)
+        except (ConnectionClosed, OSError) as exc:
             reason = str(exc) or type(exc).__name__
+        except Exception as exc:  # a bug of ours: this connection ends, the engine goes on, loudly
+            log.exception("transfer control connection %s failed", conn.peer)
+            reason = f"internal error: {exc!r}"
         finally:
             conn.close(reason)
             conn.sock.close()
             self.inbound.discard(conn)
+            self.outbound.discard(conn)
             self._on_conn_lost(conn, reason)
 
     def _on_conn_lost(self, conn: Connection, reason: str) -> None:
@@ -128,20 +153,29 @@ class Node(SendPath, ReceivePath, Handshake):
             raise
         conn = Connection(sock, endpoint, outbound=True, chunk_bytes=self.config.chunk_bytes)
         hello = self.greeting(conn)
+        self.outbound.add(conn)
         self.spawn(self._run_conn(conn))
-        await conn.send(hello)
-        await asyncio.wait_for(asyncio.shield(conn.ready), self.config.connect_timeout)
+        try:
+            await conn.send(hello)
+            await asyncio.wait_for(asyncio.shield(conn.ready), self.config.connect_timeout)
+        except BaseException as exc:  # a handshake that never completed: nothing may keep it open
+            conn.close(f"handshake with {endpoint} did not complete: {exc or type(exc).__name__}")
+            raise
         return conn
 
     # ---- dispatch ------------------------------------------------------------------------
 
     async def handle(self, conn: Connection, msg: Message, payload_len: int) -> None:
+        if payload_len and not isinstance(msg, Data):  # its payload would be read as frames
+            raise MessageError(f"{msg.kind} from {conn.peer} with a {payload_len}-byte payload")
         if isinstance(msg, Hello | HelloReply | HelloProof):
             await self.on_handshake(conn, msg)
         elif conn.hello is None:
             raise MessageError(f"{msg.kind} before the handshake from {conn.peer}")
         elif isinstance(msg, RoomRequest) and not conn.outbound:
             self._on_request(conn, msg)
+        elif isinstance(msg, Data) and not conn.outbound:  # KV flows only from the accepting side
+            raise MessageError(f"data from {conn.peer}, a receiver")
         elif isinstance(msg, RoomAbort):
             self._on_abort(conn, msg)
         else:
@@ -181,6 +215,8 @@ class Node(SendPath, ReceivePath, Handshake):
         mismatch = self.fingerprint.mismatch(theirs)
         if mismatch is not None:
             return mismatch
+        if any(p < 0 for p in msg.dst_page_ids):
+            return "dst_page_ids: negative page id"
         needed = -(-msg.expected_tokens // self.fingerprint.page_size)
         if msg.expected_tokens < 1 or needed > len(msg.dst_page_ids):
             return f"dst_page_ids: {len(msg.dst_page_ids)} pages cannot hold expected_tokens={msg.expected_tokens}"
@@ -209,22 +245,25 @@ class Node(SendPath, ReceivePath, Handshake):
 
     def _on_abort(self, conn: Connection, msg: RoomAbort) -> None:
         room = (self.receivers if conn.outbound else self.senders).get(msg.room)
+        reason = f"peer aborted the room: {msg.reason[:MAX_REASON_CHARS]}"
         if room is not None and room.conn is conn:
-            self.fail(room, f"peer aborted the room: {msg.reason}", notify=False)
+            self.fail(room, reason, notify=False)
         elif not conn.outbound and msg.room in self.pending and self.pending[msg.room][0] is conn:
             del self.pending[msg.room]
-            self._remember_refusal(msg.room, f"peer aborted the room: {msg.reason}")
+            self._remember_refusal(msg.room, reason)
         else:
             self.drop(msg)
 
     # ---- both sides ------------------------------------------------------------------------
 
     def gauges(self) -> dict[str, int]:
-        """Live rooms and early room requests (read from the scheduler thread: plain len() calls)."""
+        """Live rooms, early room requests and open control connections (read from the scheduler
+        thread: plain len() calls)."""
         return {
             "live_senders": len(self.senders),
             "live_receivers": len(self.receivers),
             "pending_room_requests": len(self.pending),
+            "connections": len(self.inbound) + len(self.outbound),
         }
 
     def drop(self, msg: Message) -> None:

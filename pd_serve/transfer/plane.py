@@ -45,6 +45,10 @@ class DataPlane:
         """Set up the plane for a new connection; returns a failure reason or None."""
         return None
 
+    def data_refusal(self, header: Data, payload_len: int) -> str | None:
+        """Why a Data header, already within the pools, cannot come from this plane's sender."""
+        return None if payload_len == 0 else f"a {payload_len}-byte payload on the {self.name} plane"
+
     async def send_data(self, conn: Connection, header: Data, views: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
@@ -73,6 +77,11 @@ class TcpPlane(DataPlane):
     """Bytes follow the Data header on the control socket: sendall from, recv_into the views."""
 
     name = "tcp"
+
+    def data_refusal(self, header: Data, payload_len: int) -> str | None:
+        if payload_len != header.nbytes:
+            return f"a payload of {payload_len} bytes for a {header.nbytes}-byte header"
+        return None
 
     async def send_data(self, conn: Connection, header: Data, views: list[torch.Tensor]) -> None:
         await conn.send(header, [byte_view(v) for v in views])

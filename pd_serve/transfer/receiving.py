@@ -1,7 +1,9 @@
 """Receiver-side operations of the loop (a mixin of `Node`): request KV, take Data, check Finish.
 
 Data is written only into the pages of a live room bound to the connection it came on; anything
-else is consumed, dropped and counted. Success needs the Finish of the same room, every Data it
+else is consumed, dropped and counted. A Data header that no sender with our layout could write
+(layers, runs or sizes outside our pools, a payload or tags that do not match) closes the
+connection before anything is read or allocated for it. Success needs the Finish of the same room, every Data it
 announces, and every (layer, page) the expected tokens cover.
 """
 
@@ -16,7 +18,15 @@ import torch
 from pd_serve.transfer.config import LayoutFingerprint, RoomState, TransferConfig
 from pd_serve.transfer.connection import Connection, ConnectionClosed
 from pd_serve.transfer.layout import PoolSet, expand
-from pd_serve.transfer.messages import Data, Finish, FinishAck, Message, RoomAccept, RoomRequest
+from pd_serve.transfer.messages import (
+    Data,
+    Finish,
+    FinishAck,
+    Message,
+    MessageError,
+    RoomAccept,
+    RoomRequest,
+)
 from pd_serve.transfer.plane import DataPlane
 from pd_serve.transfer.room import Room
 
@@ -77,6 +87,10 @@ class ReceivePath:
         if isinstance(msg, FinishAck) and not conn.outbound:
             self.on_finish_ack(conn, msg)
             return
+        if isinstance(msg, Data):  # checked before a byte is read or allocated for it, room or not
+            reason = self._data_refusal(msg) or self.plane.data_refusal(msg, payload_len)
+            if reason is not None:
+                raise MessageError(f"malformed data from {conn.peer}: {reason}")
         room = self.receivers.get(getattr(msg, "room", -1)) if conn.outbound else None
         if room is None or room.conn is not conn or not room.live:
             self.drop(msg)
@@ -92,6 +106,22 @@ class ReceivePath:
         else:
             self.drop(msg)
 
+    def _data_refusal(self, msg: Data) -> str | None:
+        """Why `msg` cannot be a Data message of a sender with our layout, or None: its layers,
+        runs and size must lie within our pools, so that nothing it announces is out of bounds."""
+        pools = self.pools
+        if len(msg.layers) != 2 or not 0 <= msg.layers[0] < msg.layers[1] <= pools.num_layers:
+            return f"layers {msg.layers[:4]} outside 0..{pools.num_layers}"
+        if any(len(r) != 2 or r[0] < 0 or r[1] < 1 or r[0] + r[1] > pools.num_pages for r in msg.runs):
+            return f"runs {msg.runs[:4]} outside the pool of {pools.num_pages} pages"
+        pages = sum(count for _, count in msg.runs)
+        if not 0 < pages <= pools.num_pages:
+            return f"runs of {pages} pages in all, for a pool of {pools.num_pages}"
+        first, end = msg.layers
+        if msg.nbytes != (end - first) * 2 * pages * pools.page_bytes:
+            return f"nbytes {msg.nbytes} does not match its runs"
+        return None
+
     def _part_bytes(self, msg: Data) -> list[int]:
         """Sizes of the regions a Data message moves, in order (what the sender's views were)."""
         if msg.staged or msg.parts == 1:
@@ -101,17 +131,8 @@ class ReceivePath:
 
     def _check_data(self, room: Room, msg: Data) -> str | None:
         assert room.destination is not None
-        n_dst = len(room.destination.page_ids)
-        first, end = msg.layers
-        if not 0 <= first < end <= self.pools.num_layers:
-            return f"Data layers {msg.layers} outside 0..{self.pools.num_layers}"
-        if any(start < 0 or count < 1 or start + count > self.pools.num_pages for start, count in msg.runs):
-            return f"Data runs {msg.runs[:4]} outside the pool of {self.pools.num_pages} pages"
-        pages = expand(msg.runs)
-        if not set(pages) <= set(room.destination.page_ids):
+        if not set(expand(msg.runs)) <= set(room.destination.page_ids):
             return "Data names pages that are not this room's destination pages"
-        if msg.nbytes != (end - first) * 2 * len(pages) * self.pools.page_bytes or n_dst == 0:
-            return f"Data nbytes {msg.nbytes} does not match its runs"
         return None
 
     async def _on_data(self, conn: Connection, room: Room, msg: Data, payload_len: int) -> None:
@@ -155,6 +176,9 @@ class ReceivePath:
     def _on_finish(self, conn: Connection, room: Room, msg: Finish) -> None:
         if msg.room != room.room:
             self.fail(room, f"completion for room {msg.room} arrived on room {room.room}", notify=True)
+            return
+        if msg.first_token < 0:
+            self.fail(room, f"completion with first token {msg.first_token}", notify=True)
             return
         if (msg.data_messages, msg.nbytes) != (room.data_done, room.bytes_done):
             got = f"{room.data_done} messages / {room.bytes_done} bytes"

@@ -50,6 +50,12 @@ UCX_OPTIONS = {
     "WARN_UNUSED_ENV_VARS": "n",
 }
 PROGRESS_MODE = "blocking"
+# What can be checked of a worker address before UCX unpacks it: its first byte's low 4 bits are the
+# format version (0 and 1 exist); UCX asserts on any other value and aborts the whole process
+# (measured: a Hello address starting 0x5a killed the sender at its first send). The rest of the
+# format is UCX's own; an authenticated peer is trusted to send what its UCX packed.
+UCX_ADDRESS_VERSIONS = (0, 1)
+MIN_ADDRESS_BYTES = 9  # the header byte and the 64-bit worker uuid
 
 
 def _is_hex(text: str) -> bool:
@@ -102,6 +108,8 @@ class UcxPlane(DataPlane):
             return "ucx peer sent a malformed worker address"
         if not address:
             return "ucx peer sent no worker address"
+        if len(address) < 2 * MIN_ADDRESS_BYTES or int(address[:2], 16) & 0x0F not in UCX_ADDRESS_VERSIONS:
+            return "ucx peer sent a worker address of an unknown format"
         nonce = int(nonce_hex, 16)
         if not conn.outbound:
             # The sender side runs this before the receiver has proved the cluster token, so it only
@@ -182,7 +190,9 @@ class UcxPlane(DataPlane):
 
     def _scratch(self, view: torch.Tensor) -> Any:
         """Somewhere to receive a part meant for `view` whose room is gone (same device: host or GPU)."""
-        return byte_view(torch.empty(view.numel() * view.element_size(), dtype=torch.uint8, device=view.device))
+        return byte_view(
+            torch.empty(view.numel() * view.element_size(), dtype=torch.uint8, device=view.device)
+        )
 
     async def _recv_all(self, conn: Connection, tag: int, targets: list[Any]) -> None:
         ep = conn.plane_state.endpoint

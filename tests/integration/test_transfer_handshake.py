@@ -195,7 +195,8 @@ def test_a_ucx_sender_makes_no_endpoint_for_a_peer_that_has_not_proved_the_token
     pytest.importorskip("ucxx")
     with _engine(TOKEN, seed=1, backend="ucx") as prefill:
         with _raw(prefill) as sock:
-            hello = Hello(PROTOCOL_VERSION, "ucx", True, new_nonce(), host_id(), 1, "0000abcd:" + "5a" * 64)
+            # a known format byte (00: an address of another format is refused at once) over garbage
+            hello = Hello(PROTOCOL_VERSION, "ucx", True, new_nonce(), host_id(), 1, "0000abcd:00" + "5a" * 63)
             sock.sendall(encode(hello))
             reply = read_frame(sock)
             assert isinstance(reply, HelloReply) and reply.ok and reply.nonce, reply

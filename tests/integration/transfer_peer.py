@@ -1,16 +1,18 @@
 """A prefill-side transfer peer for the transfer tests, run as its own process.
 
-Usage: python transfer_peer.py BACKEND DTYPE SEED TOKEN|- . It prints its endpoint as the first
-stdout line, then reads JSON commands on stdin and answers each with one JSON line:
+Usage: python transfer_peer.py BACKEND DTYPE SEED TOKEN|- [TIMEOUT_S]. It prints its endpoint as the
+first stdout line, then reads JSON commands on stdin and answers each with one JSON line:
   {"op": "expect", "room": R, "src": [...], "action": "send"|"split"|"partial"|"abort"|"hold"}
   {"op": "receive", "room": R, "endpoint": E, "dst": [...], "tokens": T}  (act as decode instead)
   {"op": "status", "rooms": [R, ...]}  ->  {"R": [state, reason], ...}
+  {"op": "stats"}  ->  {"stats": engine.stats(), "rss_kb", "hwm_kb", "fds", "threads"} (the fuzz tests)
 Pools are random from SEED, so the test rebuilds the same bytes with `make_pools`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -47,13 +49,13 @@ def make_pools(dtype: str, seed: int | None) -> list[tuple[torch.Tensor, torch.T
     return [(one(), one()) for _ in range(NUM_LAYERS)]
 
 
-def config(backend: str, token: str | None) -> TransferConfig:
+def config(backend: str, token: str | None, timeout: float = TIMEOUT_S) -> TransferConfig:
     return TransferConfig(
         backend=backend,
-        bootstrap_timeout=TIMEOUT_S,
-        waiting_timeout=TIMEOUT_S,
-        transfer_timeout=TIMEOUT_S,
-        connect_timeout=TIMEOUT_S,
+        bootstrap_timeout=timeout,
+        waiting_timeout=timeout,
+        transfer_timeout=timeout,
+        connect_timeout=timeout,
         token=token,
         min_run_bytes=1024,
     )
@@ -72,10 +74,32 @@ def act(tx, src: list[int], action: str, room: int) -> None:  # type: ignore[no-
             tx.finish(room % 50000, [-0.5])
 
 
+def process_facts() -> dict[str, int]:
+    """Memory (current and peak resident, kB), open file descriptors and threads of this process.
+    Retried for a while when no descriptor is free (a test may be flooding the transfer port)."""
+    for _ in range(100):
+        try:
+            with open("/proc/self/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            fds = len(os.listdir("/proc/self/fd"))
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        raise RuntimeError("no file descriptor became free within 5 s")
+    return {
+        "rss_kb": int(status["VmRSS"].split()[0]),
+        "hwm_kb": int(status["VmHWM"].split()[0]),
+        "fds": fds,
+        "threads": threading.active_count(),
+    }
+
+
 def main() -> None:
     backend, dtype, seed, token = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    timeout = float(sys.argv[5]) if len(sys.argv) > 5 else TIMEOUT_S
     engine = TransferEngine(
-        config(backend, None if token == "-" else token), make_pools(dtype, seed), fingerprint(dtype)
+        config(backend, None if token == "-" else token, timeout), make_pools(dtype, seed), fingerprint(dtype)
     ).start()
     print(engine.endpoint, flush=True)
     senders: dict[int, object] = {}
@@ -106,6 +130,8 @@ def main() -> None:
                 cmd["room"], cmd["endpoint"], cmd["dst"], cmd["tokens"], "h"
             )
             reply = {"ok": True}
+        elif cmd["op"] == "stats":
+            reply = {"stats": engine.stats(), **process_facts()}
         else:
             reply = {str(r): [senders[r].poll().name, senders[r].failure_reason] for r in cmd["rooms"]}  # type: ignore[attr-defined]
         print(json.dumps(reply), flush=True)

@@ -28,6 +28,7 @@ from pd_serve.transfer.messages import (
     Finish,
     Hello,
     MessageError,
+    RoomAbort,
     RoomRequest,
     decode,
     encode,
@@ -206,11 +207,11 @@ class _FakeConn:
 def test_message_for_unknown_room_is_dropped_and_counted() -> None:
     node = Node(TransferConfig(), PoolSet(pools(), FP), TcpPlane(TransferConfig()))
     conn: Any = _FakeConn()
-    data = Data(room=99, seq=0, layers=[0, 2], runs=[[0, 1]], nbytes=2048, staged=False)
-    asyncio.run(node.on_room_message(conn, data, 2048))
-    asyncio.run(node.on_room_message(conn, Finish(99, 1, None, 1, 2048), 0))
+    data = Data(room=99, seq=0, layers=[0, 2], runs=[[0, 1]], nbytes=1024, staged=False)
+    asyncio.run(node.on_room_message(conn, data, 1024))
+    asyncio.run(node.on_room_message(conn, Finish(99, 1, None, 1, 1024), 0))
     assert node.stats == Counter({"dropped_messages": 2, "dropped_data": 1, "dropped_finish": 1})
-    assert conn.discarded == 2048
+    assert conn.discarded == 1024
 
 
 def test_request_refusals_name_the_reason() -> None:
@@ -242,3 +243,241 @@ def test_handles_refuse_caller_mistakes() -> None:
         with pytest.raises(ValueError, match="layers"):
             tx.send([0], layers=(1, 5))
         assert engine.endpoint.startswith("tcp://127.0.0.1:")
+
+
+# ---- regressions found by fuzzing the transfer port (tests/fuzz/test_fuzz_transfer.py) -----------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"t": "finish_ack", "room": 18446744073709551616}',  # past 64 bits: orjson makes it a float
+        b'{"t": "finish_ack", "room": 1.0}',
+        b'{"t": "finish_ack", "room": true}',
+        b'{"t": "room_abort", "room": 1, "reason": 5}',
+        b'{"t": "data", "room": 1, "seq": 0, "layers": [0, "2"], "runs": [], "nbytes": 0, "staged": false}',
+        b'{"t": "data", "room": 1, "seq": 0, "layers": [0, 2], "runs": [[0, 1.5]], "nbytes": 0, "staged": 0}',
+        b'{"t": "room_request", "room": 1, "fingerprint": [], "dst_page_ids": "ab", "expected_tokens": 4, "prompt_hash": "h"}',
+        b'{"t": "hello", "version": 2, "backend": "ucx", "auth": true, "nonce": "00", "host_id": "h", "pid": 1, "ucx_address": 7}',
+        b'{"t": "hello_reply", "ok": true, "reason": null, "host_id": "h", "pid": 1, "probe": [0, "x", 0]}',
+        b'{"t": "finish", "room": 1, "first_token": "7", "first_token_logprobs": null, "data_messages": 0, "nbytes": 0}',
+    ],
+)
+def test_decode_refuses_fields_of_the_wrong_type(header: bytes) -> None:
+    """Before, any JSON value reached the handlers: a float room id, a string page list (its
+    characters became page ids) or an int-typed ucx address raised deep inside the engine."""
+    with pytest.raises(MessageError, match="is not"):
+        decode(header)
+
+
+def test_decode_keeps_any_json_in_logprobs_and_64_bit_ints() -> None:
+    finish = decode(encode(Finish(2**63 + 5, 7, [[-0.5, [[1, -1.0]]]], 0, 0))[12:])
+    assert isinstance(finish, Finish) and finish.room == 2**63 + 5
+
+
+class _Sock:
+    """Both ends of a loopback TCP connection, the near one wrapped in a Connection."""
+
+    @staticmethod
+    async def reader_error(raw: bytes, handshaken: bool) -> BaseException | None:
+        import socket as socket_mod
+
+        from pd_serve.transfer.connection import Connection
+
+        with socket_mod.create_server(("127.0.0.1", 0)) as listener:  # TCP: Connection sets TCP_NODELAY
+            far = socket_mod.create_connection(listener.getsockname(), timeout=10)
+            near, _ = listener.accept()
+        conn = Connection(near, "test", outbound=False, chunk_bytes=4096)
+        conn.hello = object() if handshaken else None
+        far.sendall(raw)
+        far.shutdown(socket_mod.SHUT_WR)
+
+        async def handler(*_: Any) -> None:
+            return None
+
+        try:
+            await asyncio.wait_for(conn.run_reader(handler), 10)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at which one
+            return exc
+        finally:
+            near.close()
+            far.close()
+        return None
+
+
+def test_a_large_header_before_the_handshake_is_refused_without_allocating_it() -> None:
+    """Before, each unauthenticated connection could make the engine allocate (and zero) up to
+    64 MiB by announcing a large header; 12 such peers took 768 MiB of the prefill process."""
+    from pd_serve.transfer.connection import ConnectionClosed
+    from pd_serve.transfer.messages import FRAME_PREFIX, MAX_HANDSHAKE_HEADER_BYTES, MAX_HEADER_BYTES
+
+    big = FRAME_PREFIX.pack(MAX_HANDSHAKE_HEADER_BYTES + 1, 0) + b"{"
+    exc = asyncio.run(_Sock.reader_error(big, handshaken=False))
+    assert isinstance(exc, MessageError) and "exceeds 65536" in str(exc)
+    # after the handshake the limit is larger, and the header is held only as its bytes arrive
+    exc = asyncio.run(_Sock.reader_error(FRAME_PREFIX.pack(MAX_HEADER_BYTES, 0) + b"{", handshaken=True))
+    assert isinstance(exc, ConnectionClosed)
+
+
+def _node(backend: str = "tcp") -> Node:
+    from pd_serve.transfer.plane import make_plane
+
+    config = TransferConfig(backend=backend)
+    ps = PoolSet(pools(), FP)
+    return Node(config, ps, make_plane(config, ps))
+
+
+@pytest.mark.parametrize(
+    ("outbound", "msg", "payload", "match"),
+    [
+        (True, RoomAbort(1, "x"), 64, "payload"),  # its payload would have been read as frames
+        (False, Data(1, 0, [0, 2], [[0, 1]], 1024, False), 1024, "a receiver"),  # Data to the sender
+        (True, Data(1, 0, [0, 2**40], [[0, 1]], 1024, False, parts=2), 0, "layers"),  # 2**41-item list
+        (True, Data(1, 0, [0, 2], [[0, 2**40]], 2**50, True), 2**50, "runs"),
+        (True, Data(1, 0, [0, 2], [[0, 1]] * 9, 9 * 1024, True), 9 * 1024, "pages in all"),
+        (True, Data(1, 0, [0, 2], [[0, 1]], 2**62, True), 2**62, "nbytes"),
+        (True, Data(1, 0, [0, 2], [[0, 1]], 1024, False), 2**64 - 1, "payload of"),  # tcp: must be nbytes
+    ],
+)
+def test_malformed_data_closes_the_connection_before_anything_is_read(
+    outbound: bool, msg: Any, payload: int, match: str
+) -> None:
+    """Before, a Data for an unknown room was discarded by sizes taken from its own fields: layers
+    [0, 2**40] with parts=2 built a list of 2**41 items (the process ran out of memory), a Data sent
+    to the sender side hit a ucx endpoint that did not exist, and a RoomAbort with a payload
+    desynchronised the stream."""
+    node = _node()
+    conn: Any = _FakeConn()
+    conn.outbound, conn.hello = outbound, object()
+    with pytest.raises(MessageError, match=match):
+        asyncio.run(node.handle(conn, msg, payload))
+    assert conn.discarded == 0
+
+
+def test_plane_specific_data_checks() -> None:
+    cma, ucx = _node("cma").plane, None
+    good = Data(1, 0, [0, 2], [[0, 1]], 1024, False, src_base=[1, 2, 3, 4], src_starts=[0])
+    assert cma.data_refusal(good, 0) is None
+    assert "negative" in (cma.data_refusal(Data(**{**good.__dict__, "src_base": [-1, 2, 3, 4]}), 0) or "")
+    assert "do not match" in (cma.data_refusal(Data(**{**good.__dict__, "src_starts": []}), 0) or "")
+    from pd_serve.transfer.ucx_plane import UcxPlane
+
+    ucx = UcxPlane(TransferConfig())
+    tagged = Data(1, 0, [0, 2], [[0, 1], [4, 2]], 3 * 1024, False, tag=2**64 - 8, parts=8)
+    assert ucx.data_refusal(tagged, 0) is None
+    assert "parts" in (ucx.data_refusal(Data(**{**tagged.__dict__, "parts": 10**9}), 0) or "")
+    assert "tag" in (ucx.data_refusal(Data(**{**tagged.__dict__, "tag": 2**64 - 7}), 0) or "")
+    assert "tag" in (ucx.data_refusal(Data(**{**tagged.__dict__, "tag": None}), 0) or "")
+
+
+@pytest.mark.parametrize(
+    "address", ["1_0:00", "-5:00", " 10:00", "f" * 40 + ":00", "0000abcd:0", "0000abcd:zz"]
+)
+def test_a_ucx_hello_with_a_malformed_nonce_or_address_is_refused(address: str) -> None:
+    """The nonce is the high 32 bits of every tag: before, int(..., 16) took '1_0', '-5' or 40
+    digits, and the sender then made tags outside 64 bits (its sends failed in ucxx). An address
+    whose first byte names an unknown format (0x5a) made UCX abort the process at the first send."""
+    from pd_serve.transfer.ucx_plane import UcxPlane
+
+    conn: Any = _FakeConn()
+    conn.outbound, conn.plane_state = False, None
+    hello = Hello(PROTOCOL_VERSION, "ucx", True, new_nonce(), "h", 1, address)
+    assert "ucx peer sent a" in (asyncio.run(UcxPlane(TransferConfig()).on_hello(conn, hello)) or "")
+    assert conn.plane_state is None
+    ok = Hello(PROTOCOL_VERSION, "ucx", True, new_nonce(), "h", 1, "0000abcd:" + "20" * 64)
+    assert asyncio.run(UcxPlane(TransferConfig()).on_hello(conn, ok)) is None
+
+
+@pytest.mark.parametrize("probe", [None, [0, 2**40, 0], [0, 0, 0], [-1, 64, 0], [0, 64]])
+def test_a_cma_probe_is_bounded(probe: Any) -> None:
+    """Before, the receiver allocated the probe's length (2**40: MemoryError) and unpacked it
+    without looking (a 2-item probe: ValueError)."""
+    from pd_serve.transfer.messages import HelloReply
+    from pd_serve.transfer.node import host_id
+
+    conn: Any = _FakeConn()
+    reply = HelloReply(True, None, host_id(), os.getpid(), probe=probe)
+    assert "malformed probe" in (asyncio.run(_node("cma").plane.on_hello(conn, reply)) or "")
+
+
+def test_a_peer_abort_reason_is_truncated() -> None:
+    node = _node()
+    conn: Any = _FakeConn()
+    room = Room(3, "receiver", TransferConfig(), conn=conn)
+    node.receivers[3] = room
+    node._on_abort(conn, RoomAbort(3, "x" * 100_000))
+    assert room.state is RoomState.FAILED and len(room.failure_reason or "") < 600
+
+
+def test_a_negative_first_token_fails_the_room() -> None:
+    node = _node()
+    conn: Any = _FakeConn()
+    room = Room(4, "receiver", TransferConfig(), conn=conn, destination=Destination([0], 4, "h"))
+    room.coverage = torch.ones((2, 1), dtype=torch.bool)
+    node.receivers[4] = room
+    conn.send_soon = lambda msg: None
+    node._on_finish(conn, room, Finish(4, -1, None, 0, 0))
+    assert room.state is RoomState.FAILED and "first token -1" in (room.failure_reason or "")
+
+
+def test_the_listener_survives_a_failed_accept() -> None:
+    """Before, one OSError from accept (EMFILE under a flood of connections) ended the accept loop:
+    the engine took no connection again, and every later room to it failed."""
+    import errno
+    import socket as socket_mod
+
+    async def run() -> int:
+        node = _node()
+        loop = asyncio.get_running_loop()
+        real, calls = loop.sock_accept, []
+
+        async def flaky(sock: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return await real(sock)
+
+        loop.sock_accept = flaky  # type: ignore[method-assign]
+        lsock = socket_mod.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        task = loop.create_task(node.serve(lsock))
+        client = socket_mod.create_connection(lsock.getsockname(), timeout=5)
+        for _ in range(200):
+            if node.inbound:
+                break
+            await asyncio.sleep(0.01)
+        accepted = len(node.inbound)
+        task.cancel()
+        client.close()
+        lsock.close()
+        await node.close()
+        return accepted
+
+    assert asyncio.run(run()) == 1
+
+
+def test_an_unfinished_outbound_handshake_is_closed() -> None:
+    """Before, a peer that accepted the connection and never answered the Hello kept it open after
+    connect_timeout failed the room: one leaked connection per attempt."""
+    import socket as socket_mod
+
+    listener = socket_mod.create_server(("127.0.0.1", 0))
+    config = TransferConfig(backend="tcp", connect_timeout=0.3)
+    with TransferEngine(config, pools(), FP) as engine:
+        rx = engine.receiver(5, f"tcp://127.0.0.1:{listener.getsockname()[1]}", [0], 4, "h")
+        listener.settimeout(10)
+        peer, _ = listener.accept()
+        peer.settimeout(10)
+        deadline = time.monotonic() + 10
+        while rx.poll() is not RoomState.FAILED and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rx.poll() is RoomState.FAILED
+        data = b""
+        while chunk := peer.recv(4096):  # the Hello, then EOF: the engine closed its side
+            data += chunk
+        assert data
+        while engine.stats()["connections"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["connections"] == 0
+        peer.close()
+    listener.close()
