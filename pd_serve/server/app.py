@@ -26,10 +26,10 @@ from pd_serve.http_common import error_body
 from pd_serve.metrics_common import CONTENT_TYPE
 from pd_serve.server.errors import APIError
 from pd_serve.server.formatting import JSONResponse
-from pd_serve.server.middleware import guard
+from pd_serve.server.middleware import PD_PATHS, guard
 from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, param_from_location
 from pd_serve.server.serving import OpenAIServing
-from pd_serve.server.state import DRAIN_SIGNAL, NodeState
+from pd_serve.server.state import DRAIN_SIGNAL, DRAINED_SIGNAL, NodeState
 
 log = logging.getLogger(__name__)
 DEFAULT_PROFILE_DIR = "/tmp/pd-serve-profiles"
@@ -39,12 +39,14 @@ def create_app(state: NodeState) -> Any:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await state.start()
+        supervisor = os.getppid()  # Granian's supervisor, which sends DRAIN_SIGNAL
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(DRAIN_SIGNAL, lambda: _background_drain(state))
+        loop.add_signal_handler(DRAIN_SIGNAL, lambda: _background_drain(state, supervisor))
         try:
             yield
         finally:
             await state.stop()
+            _tell_supervisor(state, supervisor)  # stopped on its own (a signal to the whole group)
 
     app = FastAPI(title="pd-serve node", lifespan=lifespan, default_response_class=JSONResponse)
     app.state.node = state
@@ -52,16 +54,50 @@ def create_app(state: NodeState) -> Any:
     _add_error_handlers(app)
     _add_openai_routes(app, state, serving)
     _add_admin_routes(app, state)
-    return guard(app, state.config.api_key, state.config.max_request_bytes, state.metrics, state.config.cluster_token)
+    counted = CountGenerations(app, state)
+    return guard(counted, state.config.api_key, state.config.max_request_bytes, state.metrics, state.config.cluster_token)
+
+
+class CountGenerations:
+    """Counts the generation requests in flight (`state.generations`), from arrival to the end of
+    their response (stream or not), so that a drain knows when they are all done. One that arrives
+    while the node drains is not counted: it gets its 503 at once."""
+
+    def __init__(self, app: Any, state: NodeState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") not in PD_PATHS or self.state.draining:
+            await self.app(scope, receive, send)
+            return
+        self.state.generations += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.generations -= 1
 
 
 _DRAINS: set[asyncio.Task[None]] = set()
 
 
-def _background_drain(state: NodeState) -> None:
-    task = asyncio.get_running_loop().create_task(state.drain())
+def _background_drain(state: NodeState, supervisor: int) -> None:
+    task = asyncio.get_running_loop().create_task(_drain(state, supervisor))
     _DRAINS.add(task)  # the loop keeps only weak references to tasks
     task.add_done_callback(_DRAINS.discard)
+
+
+async def _drain(state: NodeState, supervisor: int) -> None:
+    """The first DRAIN_SIGNAL drains for --drain-timeout (0: aborts at once); a second one aborts what
+    is left. With a timeout the supervisor waits to be told (DRAINED_SIGNAL) before it stops this
+    worker; with 0 it stops it at once, as Granian does."""
+    await state.drain(state.config.drain_timeout)
+    _tell_supervisor(state, supervisor)
+
+
+def _tell_supervisor(state: NodeState, supervisor: int) -> None:
+    if state.config.drain_timeout > 0 and os.getppid() == supervisor:
+        os.kill(supervisor, DRAINED_SIGNAL)
 
 
 def _add_openai_routes(app: FastAPI, state: NodeState, serving: OpenAIServing) -> None:
@@ -88,7 +124,9 @@ def _add_openai_routes(app: FastAPI, state: NodeState, serving: OpenAIServing) -
 def _add_admin_routes(app: FastAPI, state: NodeState) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.backend.alive and not state.draining:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "1"})
+        if state.backend.alive:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "engine not alive"}, status_code=503)
 
@@ -124,6 +162,7 @@ def _add_admin_routes(app: FastAPI, state: NodeState) -> None:
             "stats": asdict(stats),
             "in_flight": state.admission.in_flight,
             "admission_limit": state.admission.limit,
+            "draining": state.draining,
             "idle": idle_counters(state, stats),
         }
 

@@ -1,9 +1,10 @@
 """Where a tokenized request goes: the `NodeBackend` interface and its colocated implementation.
 
 Call order: `start()` once (returns the engine's info: layout, max_model_len, model_dir, config),
-then any number of concurrent `generate()`s, `stats()`, `flush_cache()`, profile calls, and
-`shutdown()` once, which ends every open `generate()` with a finished delta. `generate()` yields
-`RequestDelta`s until the finished one; closing it early aborts the request and frees its pages.
+then any number of concurrent `generate()`s, `stats()`, `flush_cache()`, profile calls, `leave()`
+(a drain: no new work offered, what is in flight goes on), and `shutdown()` once, which ends every
+open `generate()` with a finished delta. `generate()` yields `RequestDelta`s until the finished one;
+closing it early aborts the request and frees its pages.
 
 The prefill and decode roles implement the same interface; a request's `pd` object (room and pair)
 reaches them through `check_pd()` (before any work is done) and `generate(..., pd=...)`. The
@@ -29,6 +30,9 @@ class NodeBackend(Protocol):
     async def start(self) -> dict[str, Any]: ...
 
     async def shutdown(self) -> None: ...
+
+    async def leave(self) -> None:
+        """Stop being offered new work (leave the bootstrap registry); requests in flight go on."""
 
     @property
     def alive(self) -> bool: ...
@@ -67,6 +71,9 @@ class ColocatedBackend:
 
     async def shutdown(self) -> None:
         await self.client.shutdown()
+
+    async def leave(self) -> None:
+        return None  # in no registry: the frontend's /health probe sees the drain
 
     @property
     def alive(self) -> bool:

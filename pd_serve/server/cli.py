@@ -7,12 +7,20 @@ would start a second engine. Granian serves HTTP/1.1 and HTTP/2 on the same port
 knowledge on plain TCP, ALPN h2 with TLS).
 
 Shutdown: SIGINT/SIGTERM reach the supervisor, which first sends its worker `DRAIN_SIGNAL`
-(SIGUSR1) and then stops it as Granian does. On the drain signal the worker refuses new requests
-and tells the engine to stop; the engine aborts what is in flight, so every open request gets its
-finished delta and streams end with finish_reason "abort" instead of running on while Granian
-waits for them; the worker waits for the engine process to exit (killing it after a timeout),
-runs its lifespan shutdown and exits, and then the supervisor exits. The engine ignores SIGINT (a
-Ctrl-C in a terminal reaches the whole process group) and stops on SIGTERM.
+(SIGUSR1). On it the worker refuses new generation requests (503 with Retry-After, code
+"draining") and answers /health with 503. With `--drain-timeout 0` (the default) the supervisor then
+stops the worker at once as Granian does: the worker tells the engine to stop, the engine aborts what
+is in flight, so every open request gets its finished delta and streams end with finish_reason
+"abort" instead of running on while Granian waits for them. With `--drain-timeout N` the worker
+leaves the bootstrap registry (prefill/decode) and lets the requests in flight finish for at most N
+seconds (streams, whole answers, a prefill node's rooms), aborts what is left as above, and then
+tells the supervisor (`DRAINED_SIGNAL`, SIGUSR2), which only now stops it as Granian does; a second
+SIGINT/SIGTERM cuts the drain short (abort at once). Granian's own stop closes the listener, waits for
+open connections (its workers_kill_timeout is unset: it never kills the worker) and runs the lifespan
+shutdown: the worker waits for the engine process to exit (killing it after a timeout) and exits,
+and then the supervisor exits with 0. The engine ignores SIGINT (a Ctrl-C in a terminal reaches the
+whole process group) and stops on SIGTERM, so a drain needs the signal sent to the supervisor alone
+(as Kubernetes and systemd's KillMode=mixed do), not to the process group.
 
 Only argparse-level imports at module scope (`pd-serve --help` loads this); FastAPI, Granian and
 the engine are imported in `run`.
@@ -32,6 +40,7 @@ from pd_serve.logs import LogConfig, add_log_arguments, granian_log_config, setu
 from pd_serve.server.config import ServerConfig, ServerConfigError
 
 ROLE = "colocated"
+DRAIN_SLACK_S = 30.0  # past --drain-timeout: the worker's own abort and engine stop, before stopping it anyway
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--profile-dir", default=None, help="default directory for /start_profile traces")
     g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        help="on SIGTERM/SIGINT: seconds in-flight requests may run on while new ones get 503, before the "
+        "rest is aborted (a second signal aborts at once); 0: abort at once",
+    )
     add_log_arguments(g)
     add_engine_arguments(parser)
     cli_config.add_config_arguments(parser)
@@ -70,6 +86,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         profile_dir=args.profile_dir,
         served_model_name=args.served_model_name,
         log_level=args.log_level,
+        drain_timeout=args.drain_timeout,
     )
     return engine, server
 
@@ -111,30 +128,44 @@ def serve(
     setup_logging(log.role, log.level, log.fmt)
     granian = granian_server("pd_serve.server.app:create_app", server.host, server.port, log.level,
                              server.ssl_certfile, server.ssl_keyfile, log_dictconfig=granian_log_config())
-    _drain_before_stop(granian)
+    _drain_before_stop(granian, server.drain_timeout)
     granian.serve(target_loader=target_loader or partial(build_app, engine, server, log), wrap_loader=False)
     return 0
 
 
-def _drain_before_stop(granian: Any) -> None:
-    """On SIGINT/SIGTERM, first tell the worker to drain (DRAIN_SIGNAL), then stop it as Granian does.
+def _drain_before_stop(granian: Any, drain_timeout: float = 0.0) -> None:
+    """On SIGINT/SIGTERM, first tell the worker to drain (DRAIN_SIGNAL), then stop it as Granian does:
+    at once with `drain_timeout` 0 or on a second signal, else once the worker says its drain is over
+    (DRAINED_SIGNAL), or `drain_timeout` + DRAIN_SLACK_S later should it never say so.
 
     Granian stops a worker gracefully: it waits for open connections, and a stream may run for
-    minutes. Draining first aborts those requests in the engine, so their streams end at once with
-    a finish. This wraps Granian's supervisor signal handler (`signal_handler_interrupt`, installed
-    by `serve()`); should a later Granian rename it, shutdown still works, only slower.
+    minutes. Draining first ends those requests (finished, or aborted in the engine), so the stop is
+    prompt. This wraps Granian's supervisor signal handler (`signal_handler_interrupt`, installed
+    by `serve()`); should a later Granian rename it, shutdown still works, only slower and without
+    the drain.
     """
     import os
+    import signal
+    import threading
 
-    from pd_serve.server.state import DRAIN_SIGNAL
+    from pd_serve.server.state import DRAIN_SIGNAL, DRAINED_SIGNAL
 
     stop = granian.signal_handler_interrupt
+    signals = 0
 
     def drain_then_stop(*args: Any, **kwargs: Any) -> None:
+        nonlocal signals
+        signals += 1
         for worker in list(getattr(granian, "wrks", [])):
             pid = getattr(getattr(worker, "inner", None), "pid", None)
             if pid is not None and worker.is_alive():
                 os.kill(pid, DRAIN_SIGNAL)
-        stop(*args, **kwargs)
+        if drain_timeout <= 0 or signals > 1 or not getattr(granian, "wrks", None):
+            stop(*args, **kwargs)
+            return
+        late = threading.Timer(drain_timeout + DRAIN_SLACK_S, stop)
+        late.daemon = True
+        late.start()
 
     granian.signal_handler_interrupt = drain_then_stop
+    signal.signal(DRAINED_SIGNAL, lambda *_: stop())

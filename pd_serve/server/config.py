@@ -37,6 +37,9 @@ class ServerConfig:
     profile_dir: str | None = None  # default directory for /start_profile traces
     served_model_name: str | None = None  # None: the --model value
     log_level: str = "info"
+    # on SIGTERM/SIGINT: seconds in-flight requests may run on (no new work taken) before the rest
+    # is aborted; 0: abort at once
+    drain_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         _require(bool(self.host), "host", "must not be empty")
@@ -57,6 +60,11 @@ class ServerConfig:
         _require(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0")
         if self.served_model_name is not None:
             _require(bool(self.served_model_name), "served_model_name", "must not be empty")
+        _require(
+            0 <= self.drain_timeout < float("inf"),  # False for NaN too
+            "drain_timeout",
+            f"{self.drain_timeout} is not a number of seconds >= 0 (0: abort in-flight requests at once)",
+        )
         _require(
             self.log_level in ("debug", "info", "warning", "error"),
             "log_level",
@@ -79,4 +87,5 @@ class ServerConfig:
             "max_queued_requests": self.max_queued_requests,
             "profile_dir": self.profile_dir,
             "served_model_name": self.served_model_name,
+            "drain_timeout": self.drain_timeout,
         }

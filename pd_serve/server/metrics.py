@@ -51,6 +51,8 @@ class NodeMetrics:
         self.open_streams = Gauge("pd_node_open_streams", "SSE streams open to clients", registry=r)
         self.preemptions = Gauge("pd_node_preemptions", "Preemptions since the engine started", registry=r)
         self.engine_alive = Gauge("pd_node_engine_alive", "1 while the engine loop is alive", registry=r)
+        self.draining = Gauge("pd_node_draining", "1 once the node drains (SIGTERM/SIGINT): no new requests",
+                              registry=r)
         # disaggregation (prefill and decode nodes; zero on a colocated node)
         self.rooms = Gauge("pd_node_transfer_rooms", "Rooms by state: live now, or finished since start",
                            ["state"], registry=r)

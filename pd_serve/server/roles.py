@@ -3,7 +3,7 @@
 Both extend the colocated backend (same engine process, same `EngineClient`) with:
 - a `DisaggConfig`, so the engine starts a `TransferEngine` and reports its endpoint;
 - registration in the bootstrap service (`NodeKeeper`: register, heartbeat with the engine's load,
-  re-register after a bootstrap restart, leave on shutdown).
+  re-register after a bootstrap restart, leave when a drain starts or on shutdown).
 
 Prefill node: serves only requests that carry `pd`; the engine computes the prompt once the decode
 node's receiver for the room has arrived, pushes the KV and the first token, and the request ends
@@ -80,11 +80,18 @@ class _RoleBackend(ColocatedBackend):
         return self.info
 
     async def shutdown(self) -> None:
-        if self._keeper is not None:
-            await self._keeper.stop(leave=True)
+        await self.leave()
         if self._bootstrap is not None:
             await self._bootstrap.aclose()
         await super().shutdown()
+
+    async def leave(self) -> None:
+        """Stop heartbeating and leave the registry, so the frontend pairs this node no more; the
+        bootstrap client stays open for the peer look-ups of requests still in flight."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            await keeper.stop(leave=True)
+            log.info("left the bootstrap registry as %s node %r", self.disagg.role, self.registration.node_id)
 
     async def _register(self) -> None:
         from pd_serve.bootstrap.client import BootstrapClient, NodeKeeper

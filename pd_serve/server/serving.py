@@ -64,7 +64,8 @@ class OpenAIServing:
 
     def _refuse_early(self, req: _GenerationRequest) -> None:
         if self.state.draining:
-            raise APIError(503, "the node is shutting down", code="shutting_down", headers={"Retry-After": "1"})
+            raise APIError(503, "the node is draining (shutting down): it takes no new requests; retry on another node",
+                           code="draining", headers={"Retry-After": "1"})
         if not self.state.backend.alive:
             raise APIError(503, "the engine is not alive", code="engine_unavailable", headers={"Retry-After": "1"})
         if req.model != self.state.model_name:

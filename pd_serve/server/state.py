@@ -1,17 +1,21 @@
 """Everything one node's app holds between requests, and its start/stop order.
 
 `NodeState.start()` (the ASGI lifespan's startup) starts the backend (the engine process) and loads
-the tokenizer at the same time; `drain()` (on `DRAIN_SIGNAL`, sent by the supervisor before it stops
-its worker, since the server would otherwise wait for every stream to end on its own) refuses new
-requests and shuts the backend down, so every open request gets its finished delta; `stop()` (the
-lifespan's shutdown) drains if that has not happened, gives open streams a moment to write their
-last chunk, and stops the tokenizer thread. `Admission` counts engine requests in flight and refuses past
-`--max-running-requests + --max-queued-requests` with a 503.
+the tokenizer at the same time; `drain()` (on `DRAIN_SIGNAL`, sent by the supervisor on SIGINT/SIGTERM,
+since the server would otherwise wait for every stream to end on its own) refuses new requests (503,
+and /health 503), and then, with `--drain-timeout N` > 0, leaves the bootstrap registry and lets the
+generation requests in flight run on for at most N seconds (a second drain call cuts that short)
+before it shuts the backend down, so every request still open gets its finished delta ("abort");
+`stop()` (the lifespan's shutdown) drains if that has not happened, cutting a drain's wait short,
+gives open streams a moment to write their last chunk, and stops the tokenizer thread. `Admission`
+counts engine requests in flight and refuses past `--max-running-requests + --max-queued-requests`
+with a 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -30,7 +34,9 @@ from pd_serve.server.tokenization import Tokenization
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 DRAIN_S = 5.0
-DRAIN_SIGNAL = signal.SIGUSR1  # supervisor -> API process: abort what is in flight, we are stopping
+DRAIN_SIGNAL = signal.SIGUSR1  # supervisor -> API process: stop taking work, drain (again: abort now)
+DRAINED_SIGNAL = signal.SIGUSR2  # API process -> supervisor: a --drain-timeout drain is over, stop me
+DRAIN_POLL_S = 0.05
 
 
 class Admission:
@@ -111,6 +117,9 @@ class NodeState:
     admission: Admission = field(default_factory=lambda: Admission(0))
     draining: bool = False
     open_streams: int = 0
+    generations: int = 0  # generation HTTP requests in flight (the app's `CountGenerations` counts them)
+    _cut: asyncio.Event = field(default_factory=asyncio.Event)  # set: abort what a drain waits for, now
+    _drained: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -154,13 +163,44 @@ class NodeState:
         self.admission = Admission(limit)
         log.info("node ready: %s, model %s, max_model_len %d", self.backend.role, self.model_name, self.max_model_len)
 
-    async def drain(self) -> None:
-        """Refuse new requests and stop the backend: every open request gets its finished delta."""
+    async def drain(self, timeout: float = 0.0) -> None:
+        """Refuse new requests; with `timeout` > 0 leave the registry and let what is in flight finish
+        for at most `timeout` seconds; then stop the backend: every request still open gets its
+        finished delta ("abort"). A call while a drain waits cuts the wait short and returns once the
+        backend is stopped."""
         if self.draining:
+            self._cut.set()
+            await self._drained.wait()
             return
         self.draining = True
-        log.info("draining: in-flight requests end with finish_reason 'abort'")
-        await self.backend.shutdown()
+        self.metrics.draining.set(1)
+        started = self.generations
+        try:
+            if timeout > 0:
+                log.info("draining: %d requests in flight may finish within %g s (--drain-timeout); "
+                         "new requests get 503", started, timeout)
+                try:
+                    await self.backend.leave()
+                except Exception:  # the registry entry expires by itself; the drain goes on
+                    log.warning("draining: could not leave the bootstrap registry", exc_info=True)
+                await self._wait_idle(timeout)
+            else:
+                log.info("draining: %d requests in flight end with finish_reason 'abort'", started)
+            left = self.generations
+            await self.backend.shutdown()
+        finally:
+            self._drained.set()
+        if timeout > 0:
+            log.info("drained: %d requests finished, %d aborted", max(started - left, 0), left)
+
+    async def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.generations and not self._cut.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cut.wait(), min(DRAIN_POLL_S, remaining))
 
     async def stop(self) -> None:
         await self.drain()

@@ -1,0 +1,95 @@
+"""`NodeState.drain`: refuse, leave, wait for the generation requests in flight (at most the timeout,
+cut short by a second call), then stop the backend; the log lines count what finished and what was
+aborted. The backend is a stand-in that records calls (the real one is tests/integration/test_drain.py's)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from pd_serve.config import EngineConfig
+from pd_serve.server.config import ServerConfig
+from pd_serve.server.state import NodeState
+
+WAIT_S = 10.0
+
+
+class Backend:
+    role = "colocated"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def leave(self) -> None:
+        self.calls.append("leave")
+
+    async def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+def _state(generations: int) -> tuple[NodeState, Backend]:
+    backend = Backend()
+    state = NodeState(ServerConfig(), EngineConfig(), backend)  # type: ignore[arg-type]
+    state.generations = generations
+    return state, backend
+
+
+async def _until(check: object) -> None:
+    async def poll() -> None:
+        while not check():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), WAIT_S)
+
+
+def test_drain_ends_once_requests_finish(caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> None:
+        state, backend = _state(2)
+        drain = asyncio.create_task(state.drain(600))
+        await _until(lambda: backend.calls == ["leave"])
+        assert state.draining and state.metrics.draining._value.get() == 1
+        state.generations = 0
+        await asyncio.wait_for(drain, WAIT_S)
+        assert backend.calls == ["leave", "shutdown"]
+
+    with caplog.at_level(logging.INFO, "pd_serve.server.state"):
+        asyncio.run(run())
+    assert "drained: 2 requests finished, 0 aborted" in caplog.text
+
+
+def test_drain_aborts_at_the_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> None:
+        state, backend = _state(3)
+        await asyncio.wait_for(state.drain(0.1), WAIT_S)
+        assert backend.calls == ["leave", "shutdown"]
+
+    with caplog.at_level(logging.INFO, "pd_serve.server.state"):
+        asyncio.run(run())
+    assert "drained: 0 requests finished, 3 aborted" in caplog.text
+
+
+def test_second_drain_cuts_the_wait(caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> None:
+        state, backend = _state(1)
+        first = asyncio.create_task(state.drain(600))
+        await _until(lambda: backend.calls == ["leave"])
+        await asyncio.wait_for(state.stop(), WAIT_S)  # the lifespan's shutdown drains again: abort now
+        await asyncio.wait_for(first, WAIT_S)
+        assert backend.calls == ["leave", "shutdown"]
+
+    with caplog.at_level(logging.INFO, "pd_serve.server.state"):
+        asyncio.run(run())
+    assert "drained: 0 requests finished, 1 aborted" in caplog.text
+
+
+def test_no_timeout_aborts_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> None:
+        state, backend = _state(1)
+        await asyncio.wait_for(state.drain(), WAIT_S)
+        assert backend.calls == ["shutdown"] and state.draining
+
+    with caplog.at_level(logging.INFO, "pd_serve.server.state"):
+        asyncio.run(run())
+    assert "draining: 1 requests in flight end with finish_reason 'abort'" in caplog.text
