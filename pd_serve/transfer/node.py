@@ -217,6 +217,10 @@ class Node(SendPath, ReceivePath, Handshake):
             return mismatch
         if any(p < 0 for p in msg.dst_page_ids):
             return "dst_page_ids: negative page id"
+        if len(msg.dst_page_ids) > self.pools.num_pages:  # a prompt that fits here needs no more
+            return (
+                f"dst_page_ids: {len(msg.dst_page_ids)} pages, more than this sender's {self.pools.num_pages}"
+            )
         needed = -(-msg.expected_tokens // self.fingerprint.page_size)
         if msg.expected_tokens < 1 or needed > len(msg.dst_page_ids):
             return f"dst_page_ids: {len(msg.dst_page_ids)} pages cannot hold expected_tokens={msg.expected_tokens}"

@@ -222,6 +222,11 @@ def test_request_refusals_name_the_reason() -> None:
         node._request_refusal(RoomRequest(5, {**FP.to_dict(), "head_dim": 4}, [0], 4, "h")) or ""
     )
     assert "expected_tokens" in (node._request_refusal(RoomRequest(5, FP.to_dict(), [0], 8, "h")) or "")
+    # held until the sender exists: never more pages than a prompt that fits this pool can need
+    assert "more than this sender's 8" in (
+        node._request_refusal(RoomRequest(5, FP.to_dict(), list(range(9)), 4, "h")) or ""
+    )
+    assert "negative" in (node._request_refusal(RoomRequest(5, FP.to_dict(), [-1], 4, "h")) or "")
     node.finished[5] = None
     assert "duplicate" in (node._request_refusal(good) or "")
 
