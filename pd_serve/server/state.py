@@ -177,13 +177,14 @@ class NodeState:
         started = self.generations
         try:
             if timeout > 0:
+                deadline = time.monotonic() + timeout
                 log.info("draining: %d requests in flight may finish within %g s (--drain-timeout); "
                          "new requests get 503", started, timeout)
                 try:
                     await self.backend.leave()
                 except Exception:  # the registry entry expires by itself; the drain goes on
                     log.warning("draining: could not leave the bootstrap registry", exc_info=True)
-                await self._wait_idle(timeout)
+                await self._wait_idle(deadline)
             else:
                 log.info("draining: %d requests in flight end with finish_reason 'abort'", started)
             left = self.generations
@@ -193,8 +194,7 @@ class NodeState:
         if timeout > 0:
             log.info("drained: %d requests finished, %d aborted", max(started - left, 0), left)
 
-    async def _wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    async def _wait_idle(self, deadline: float) -> None:
         while self.generations and not self._cut.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
