@@ -24,6 +24,7 @@ from pd_serve.transfer.messages import (
 )
 
 Handler = Callable[["Connection", Message, int], Awaitable[None]]
+HEADER_CHUNK_BYTES = 1 << 20  # a large header is read in pieces of this size, as they arrive
 
 
 class ConnectionClosed(ConnectionError):
@@ -111,13 +112,13 @@ class Connection:
     async def _read_header(self, n: int) -> bytes:
         """n bytes, held only as they arrive: a peer that announces a large header and sends
         nothing makes this side allocate nothing."""
-        if n <= 65536:
+        if n <= MAX_HANDSHAKE_HEADER_BYTES:  # small: one buffer, filled in place
             body = bytearray(n)
             await self.read_into(memoryview(body))
             return bytes(body)
         parts = []
         while n > 0:
-            chunk = await self._loop.sock_recv(self.sock, min(n, self.chunk_bytes))
+            chunk = await self._loop.sock_recv(self.sock, min(n, HEADER_CHUNK_BYTES))
             if not chunk:
                 raise ConnectionClosed(f"peer {self.peer} closed the connection")
             parts.append(chunk)
