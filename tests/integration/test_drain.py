@@ -39,7 +39,7 @@ def nodes() -> Iterator[dict[str, Any]]:
     started: dict[str, Any] = {"bootstrap": bootstrap}
     try:
         with ThreadPoolExecutor(2) as pool:
-            timed = pool.submit(NodeProcess, ["--max-total-tokens", "4096", "--drain-timeout", "2"])
+            timed = pool.submit(NodeProcess, ["--max-total-tokens", "4096", "--drain-timeout", "1"])
             decode = pool.submit(RoleProcess, "decode", bootstrap.url, decode_args)
             started["timed"], started["decode"] = timed.result(), decode.result()
         yield started
@@ -113,7 +113,7 @@ def test_drain_refuses_new_work_finishes_streams_and_a_second_sigterm_aborts(nod
 
 
 def test_drain_aborts_what_is_left_at_the_timeout_and_exits(nodes: dict[str, Any]) -> None:
-    node = nodes["timed"]  # --drain-timeout 2
+    node = nodes["timed"]  # --drain-timeout 1
     long = Stream(node, LONG_TOKENS)
     assert long.started.wait(60), "the stream never started"
     os.kill(node.pid, signal.SIGTERM)
