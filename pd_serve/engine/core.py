@@ -222,6 +222,11 @@ class EngineCore:
             return delta
         # Ready: the first token came with the KV; commit it as if sampled here
         token = int(event.first_token)
+        if not 0 <= token < self.model_config.vocab_size:  # the peer proved the token, not its sanity
+            self.scheduler.pages.release(req.page_ids)
+            req.page_ids = []
+            why = f"prefill peer sent first token {token}, outside the vocabulary of {self.model_config.vocab_size}"
+            return self._end(req, FinishReason.ABORT, error=why, delta_only=True)
         if req.generator is not None and not req.params.greedy:
             torch.empty(self.model_config.vocab_size).exponential_(generator=req.generator)  # the draw P made
         reason, stop_reason = self._append(req, token)

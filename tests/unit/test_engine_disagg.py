@@ -97,6 +97,26 @@ def test_prompt_mismatch_fails_the_room_on_both_sides(pair) -> None:
     assert d.stats().num_free_pages == d.stats().num_total_pages
 
 
+def test_a_first_token_outside_the_vocabulary_fails_the_decode_request(pair, monkeypatch) -> None:
+    """A prefill peer holds the cluster token but sends a token id the model has no embedding for."""
+    p, d, config = pair
+    vocab = d.model_config.vocab_size
+    sent = p.prefill_side.first_token
+    monkeypatch.setattr(p.prefill_side, "first_token", lambda req, token, lp: sent(req, vocab + 7, lp))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    d.add_request("v", [50, 51, 52, 53], params, PDSpec(2501, p.transfer.endpoint))
+    p.add_request("v", [50, 51, 52, 53], params, PDSpec(2501))
+    _, d_deltas = _run(p, d)
+    assert d_deltas[-1].finish_reason == "abort"
+    assert f"first token {vocab + 7}, outside the vocabulary" in (d_deltas[-1].error or "")
+    assert d.stats().num_free_pages == d.stats().num_total_pages
+    monkeypatch.undo()
+    d.add_request("w", [50, 51, 52, 53], params, PDSpec(2502, p.transfer.endpoint))  # the pair still works
+    p.add_request("w", [50, 51, 52, 53], params, PDSpec(2502))
+    _, d_deltas = _run(p, d)
+    assert d_deltas[-1].finish_reason == "length"
+
+
 def test_decode_abort_while_waiting_for_prefill_frees_pages(pair) -> None:
     p, d, _ = pair
     d.add_request("a", list(range(40, 80)), SamplingParams(max_tokens=4), PDSpec(3001, p.transfer.endpoint))
