@@ -199,7 +199,7 @@ class NodeState:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin on Python 3.10
                 await asyncio.wait_for(self._cut.wait(), min(DRAIN_POLL_S, remaining))
 
     async def stop(self) -> None:
