@@ -15,7 +15,8 @@ argv, so neither `ps` nor cluster.json shows it): the one of --cluster-token-fil
 in `up`'s environment, else a fresh `secrets.token_urlsafe(32)`; `--no-cluster-token` runs the
 internal plane open (each child then warns). API keys reach the frontend in $PD_SERVE_API_KEYS.
 `--log-level` and `--log-format` go to every child (before the `--*-arg` extras, which may override
-them); `up`'s own lines (the ready line, a child's exit with its log tail) stay plain text.
+them); `up`'s status lines (a child's exit with its log tail, restarting, stopping) are log
+records under `--log-format json`, plain text otherwise; the ready line is always plain text on stdout.
 
 Only argparse-level imports at module scope (`pd-serve --help` loads this).
 """
