@@ -41,12 +41,21 @@ def create_app(state: NodeState) -> Any:
         await state.start()
         supervisor = os.getppid()  # Granian's supervisor, which sends DRAIN_SIGNAL
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(DRAIN_SIGNAL, lambda: _background_drain(state, supervisor))
+        drain_signals: list[int] = []  # DRAIN_SIGNALs received: only then does the supervisor wait to be told
+
+        def on_drain_signal() -> None:
+            drain_signals.append(DRAIN_SIGNAL)
+            _background_drain(state, supervisor)
+
+        loop.add_signal_handler(DRAIN_SIGNAL, on_drain_signal)
         try:
             yield
         finally:
             await state.stop()
-            _tell_supervisor(state, supervisor)  # stopped on its own (a signal to the whole group)
+            if drain_signals:  # stopped on its own during a drain (a signal to the whole group); not
+                # when the supervisor stopped this worker unasked (Granian's SIGHUP reload): that
+                # DRAINED_SIGNAL would stop the whole node
+                _tell_supervisor(state, supervisor)
 
     app = FastAPI(title="pd-serve node", lifespan=lifespan, default_response_class=JSONResponse)
     app.state.node = state

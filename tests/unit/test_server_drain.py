@@ -93,3 +93,47 @@ def test_no_timeout_aborts_at_once(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, "pd_serve.server.state"):
         asyncio.run(run())
     assert "draining: 1 requests in flight end with finish_reason 'abort'" in caplog.text
+
+
+@pytest.mark.parametrize("drain_signal", [False, True])
+def test_only_a_drained_worker_tells_its_supervisor(drain_signal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --drain-timeout the worker's lifespan end sends DRAINED_SIGNAL (the supervisor's "stop") only
+    after a DRAIN_SIGNAL: a worker the supervisor stops unasked (Granian's SIGHUP reload) must not,
+    or the whole node stops instead of reloading."""
+    import signal
+
+    from pd_serve.server import app as app_module
+    from pd_serve.server.state import DRAIN_SIGNAL, DRAINED_SIGNAL
+
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(app_module.os, "kill", lambda pid, sig: sent.append((pid, sig)))  # never the real parent
+
+    async def run() -> None:
+        backend = Backend()
+        state = NodeState(ServerConfig(drain_timeout=5), EngineConfig(), backend)  # type: ignore[arg-type]
+
+        async def start() -> None:
+            return None
+
+        state.start = start  # type: ignore[method-assign]
+        events: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        sent_events: asyncio.Queue[str] = asyncio.Queue()
+
+        async def send(message: dict[str, str]) -> None:
+            await sent_events.put(message["type"])
+
+        app = asyncio.create_task(app_module.create_app(state)({"type": "lifespan"}, events.get, send))
+        await events.put({"type": "lifespan.startup"})
+        assert await sent_events.get() == "lifespan.startup.complete"
+        if drain_signal:
+            signal.raise_signal(DRAIN_SIGNAL)
+            await _until(lambda: "shutdown" in backend.calls)
+        await events.put({"type": "lifespan.shutdown"})
+        assert await sent_events.get() == "lifespan.shutdown.complete"
+        await app
+
+    asyncio.run(asyncio.wait_for(run(), WAIT_S))
+    if drain_signal:
+        assert sent and all(sig == DRAINED_SIGNAL for _, sig in sent)
+    else:
+        assert sent == []
