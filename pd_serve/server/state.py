@@ -180,10 +180,7 @@ class NodeState:
                 deadline = time.monotonic() + timeout
                 log.info("draining: %d requests in flight may finish within %g s (--drain-timeout); "
                          "new requests get 503", started, timeout)
-                try:
-                    await self.backend.leave()
-                except Exception:  # the registry entry expires by itself; the drain goes on
-                    log.warning("draining: could not leave the bootstrap registry", exc_info=True)
+                await self._leave(deadline)
                 await self._wait_idle(deadline)
             else:
                 log.info("draining: %d requests in flight end with finish_reason 'abort'", started)
@@ -193,6 +190,24 @@ class NodeState:
             self._drained.set()
         if timeout > 0:
             log.info("drained: %d requests finished, %d aborted", max(started - left, 0), left)
+
+    async def _leave(self, deadline: float) -> None:
+        """Leave the bootstrap registry, but not past the drain's deadline or a second drain call: a
+        bootstrap that does not answer must not lengthen the drain (the entry expires by itself)."""
+        leave = asyncio.ensure_future(self.backend.leave())
+        leave.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: logged below
+        cut = asyncio.ensure_future(self._cut.wait())
+        try:
+            await asyncio.wait(
+                {leave, cut}, timeout=max(deadline - time.monotonic(), 0), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            cut.cancel()
+        if not leave.done():
+            leave.cancel()
+            log.warning("draining: the bootstrap registry did not answer in time; this node's entry expires by itself")
+        elif not leave.cancelled() and leave.exception() is not None:
+            log.warning("draining: could not leave the bootstrap registry", exc_info=leave.exception())
 
     async def _wait_idle(self, deadline: float) -> None:
         while self.generations and not self._cut.is_set():

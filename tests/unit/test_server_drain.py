@@ -137,3 +137,26 @@ def test_only_a_drained_worker_tells_its_supervisor(drain_signal: bool, monkeypa
         assert sent and all(sig == DRAINED_SIGNAL for _, sig in sent)
     else:
         assert sent == []
+
+
+@pytest.mark.parametrize("second_call", [False, True])
+def test_a_bootstrap_that_does_not_answer_does_not_lengthen_the_drain(second_call: bool) -> None:
+    """Leaving the registry gives up at the drain's deadline, and at a second drain call."""
+
+    class Unanswered(Backend):
+        async def leave(self) -> None:
+            self.calls.append("leave")
+            await asyncio.Event().wait()  # a bootstrap that never answers (its client times out later)
+
+    async def run() -> None:
+        backend = Unanswered()
+        state = NodeState(ServerConfig(), EngineConfig(), backend)  # type: ignore[arg-type]
+        state.generations = 1
+        first = asyncio.create_task(state.drain(600 if second_call else 0.2))
+        if second_call:
+            await _until(lambda: backend.calls == ["leave"])
+            await asyncio.wait_for(state.drain(), WAIT_S)
+        await asyncio.wait_for(first, WAIT_S)
+        assert backend.calls == ["leave", "shutdown"]
+
+    asyncio.run(run())
