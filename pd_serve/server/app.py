@@ -109,14 +109,20 @@ def _tell_supervisor(state: NodeState, supervisor: int) -> None:
         os.kill(supervisor, DRAINED_SIGNAL)
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has hung up: after the body, the ASGI receive yields only that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _add_openai_routes(app: FastAPI, state: NodeState, serving: OpenAIServing) -> None:
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
-        return await serving.chat(body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        return await serving.chat(body, lambda: _client_gone(request))
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
-        return await serving.completions(body)
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        return await serving.completions(body, lambda: _client_gone(request))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

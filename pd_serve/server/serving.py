@@ -3,8 +3,10 @@
 Order: refuse what this node cannot serve (model name, `pd`, unsupported fields), tokenize, plan one
 engine request per (prompt, choice) with its max_tokens and seed, take admission slots, start the
 engine requests and wait for each one's first delta (so a request the engine refuses is still a
-clean 400 even when streaming), then collect or stream. Leaving a stream early (client gone)
-closes every engine request, which aborts it in the engine and frees its pages.
+clean 400 even when streaming), then collect or stream. A client that leaves early has its engine
+requests closed, which aborts them and frees their pages: a stream notices on its next chunk, a
+non-streamed answer (and a prefill node's rooms, when the frontend hangs up) by watching the
+connection for the hang-up.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,55 @@ from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, PD
 from pd_serve.server.state import NodeState, Ticket
 
 Stream = AsyncIterator[RequestDelta]
+ClientGone = Callable[[], Awaitable[None]]  # returns once the client has hung up
+
+
+class ClientDisconnected(APIError):
+    """The client hung up before a non-streamed answer was ready: its engine requests were aborted."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the request before the answer was ready", code="client_closed")
+
+
+async def _unless_gone(work: Coroutine[Any, Any, Any], client_gone: ClientGone | None) -> Any:
+    """`work`'s result; if the client hangs up first, `work` is cancelled and ClientDisconnected raised
+    (the caller's `finally` then closes the engine streams, which aborts them and frees their pages)."""
+    if client_gone is None:
+        return await work
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself is being cancelled
+        gone.cancel()
+        _stop(task)
+        raise
+    if task.done():
+        gone.cancel()
+        return task.result()
+    # The client left. Cancel until the work has stopped: before Python 3.12, asyncio.wait_for (the
+    # engine client's wait for the next delta) drops a cancel that lands as its inner wait completes,
+    # and the request would then run to its end for nobody.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    if not task.cancelled():
+        task.exception()  # retrieved: the client is gone, nobody reads it
+    raise ClientDisconnected()
+
+
+def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` from a caller that is itself being cancelled: retried in the background."""
+
+    async def until_stopped() -> None:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.05)
+
+    _STOPPING.add(stopper := asyncio.ensure_future(until_stopped()))
+    stopper.add_done_callback(_STOPPING.discard)
+
+
+_STOPPING: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
 
 
 @dataclass(frozen=True)
@@ -48,19 +99,23 @@ class OpenAIServing:
     def __init__(self, state: NodeState) -> None:
         self.state = state
 
-    async def chat(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    async def chat(
+        self, req: ChatCompletionRequest, client_gone: ClientGone | None = None
+    ) -> JSONResponse | StreamingResponse:
         self._refuse_early(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = await self.state.tokenizer.render_chat(messages, req.add_generation_prompt)
         fmt = ResponseFormat(chat=True, response_id=f"chatcmpl-{uuid.uuid4().hex}", model=self.state.model_name)
-        return await self._serve(req, fmt, [ids], "messages")
+        return await self._serve(req, fmt, [ids], "messages", client_gone)
 
-    async def completions(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
+    async def completions(
+        self, req: CompletionRequest, client_gone: ClientGone | None = None
+    ) -> JSONResponse | StreamingResponse:
         self._refuse_early(req)
         tok = self.state.tokenizer
         prompts = [p if isinstance(p, list) else await tok.encode(p) for p in req.prompts()]
         fmt = ResponseFormat(chat=False, response_id=f"cmpl-{uuid.uuid4().hex}", model=self.state.model_name)
-        return await self._serve(req, fmt, prompts, "prompt")
+        return await self._serve(req, fmt, prompts, "prompt", client_gone)
 
     def _refuse_early(self, req: _GenerationRequest) -> None:
         if self.state.draining:
@@ -133,12 +188,19 @@ class OpenAIServing:
 
     # ---- running -------------------------------------------------------------------------------
     async def _serve(
-        self, req: _GenerationRequest, fmt: ResponseFormat, prompts: list[list[int]], prompt_param: str
+        self,
+        req: _GenerationRequest,
+        fmt: ResponseFormat,
+        prompts: list[list[int]],
+        prompt_param: str,
+        client_gone: ClientGone | None = None,
     ) -> JSONResponse | StreamingResponse:
+        """`client_gone`: for the non-streamed answers, which would otherwise run to the end for a
+        client that left (a stream notices on its next chunk)."""
         planned = self.plan(req, prompts, prompt_param, fmt.response_id)
         arrival = time.monotonic()
         if self.state.backend.role == "prefill":
-            return await self._prefill(req, planned, arrival)
+            return await self._prefill(req, planned, arrival, client_gone)
         if req.stream:
             # slots are taken when the body starts: a stream Starlette never starts holds none
             self.state.admission.check(len(planned))
@@ -147,7 +209,7 @@ class OpenAIServing:
         ticket = self.state.admission.acquire(len(planned))
         streams = [self._engine_stream(c, req, ticket, arrival) for c in planned]
         try:
-            return JSONResponse(await self._collect(req, fmt, planned, streams))
+            return JSONResponse(await _unless_gone(self._collect(req, fmt, planned, streams), client_gone))
         finally:
             await _close_all(streams)
             ticket.release_all()
@@ -183,16 +245,24 @@ class OpenAIServing:
 
         return run()
 
-    async def _prefill(self, req: _GenerationRequest, planned: list[PlannedChoice], arrival: float) -> JSONResponse:
-        """A prefill node's answer: once every room of the request is done, its timings (never streamed)."""
+    async def _prefill(
+        self, req: _GenerationRequest, planned: list[PlannedChoice], arrival: float, client_gone: ClientGone | None
+    ) -> JSONResponse:
+        """A prefill node's answer: once every room of the request is done, its timings (never streamed).
+        The frontend hangs up when its client does: the rooms are then aborted here too."""
         ticket = self.state.admission.acquire(len(planned))
         streams = [self._engine_stream(c, req, ticket, arrival) for c in planned]
         rooms: list[dict[str, object]] = []
-        try:
+
+        async def finals_of_all() -> dict[int, RequestDelta]:
             finals: dict[int, RequestDelta] = {}
             async for i, delta in _merge(streams, list(range(len(streams)))):
                 if delta.finished:
                     finals[i] = delta
+            return finals
+
+        try:
+            finals = await _unless_gone(finals_of_all(), client_gone)
             for i, c in enumerate(planned):
                 final = finals[i]
                 if final.error is not None or final.finish_reason == "abort":

@@ -167,6 +167,21 @@ def test_disconnect_after_three_chunks_frees_pages(node: NodeProcess, http: http
     wait_until(back_to_idle, 30, "pages free again after the client left")
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_a_client_leaving_a_non_streamed_request_aborts_it(node: NodeProcess, http: httpx.Client, http2: bool) -> None:
+    """Without a stream there is no next chunk to fail on: the node notices the hang-up itself."""
+    idle = http.get("/server_info").json()["pages"]
+    body = {"model": "demo", "prompt": "the prompt", "max_tokens": 1900, "ignore_eos": True}
+    client = httpx.Client(base_url=node.url, headers=HDRS, http1=not http2, http2=http2, timeout=1.5)
+    with client as gone, pytest.raises(httpx.ReadTimeout):  # the client gives up long before 1900 tokens
+        gone.post("/v1/completions", json=body)
+
+    def back_to_idle() -> bool:
+        info = http.get("/server_info").json()
+        return info["pages"]["free"] == idle["free"] and info["stats"]["num_running"] == 0 and info["in_flight"] == 0
+    wait_until(back_to_idle, 5, "request aborted and pages freed after the client left")
+
+
 # ---- sidecar ---------------------------------------------------------------------------------------
 def test_metrics_server_info_flush_and_profile(node: NodeProcess, http: httpx.Client, tmp_path: Path) -> None:
     metrics = httpx.get(f"{node.url}/metrics", timeout=30).text  # open without the key
