@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from pd_serve.aio import within
 from pd_serve.config import DisaggConfig, EngineConfig
 from pd_serve.engine import messages as m
 from pd_serve.engine.process import EngineAddresses, run_engine
@@ -124,7 +125,7 @@ class EngineClient:
         try:
             await self._in.send(m.encode(m.AddRequest(request_id, prompt_token_ids, params, pd)))
             while True:
-                delta = await asyncio.wait_for(queue.get(), timeout)
+                delta = await within(timeout, queue.get())
                 finished = delta.finished
                 yield delta
                 if finished:

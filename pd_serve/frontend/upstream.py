@@ -20,29 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httpx
 
+from pd_serve.aio import within
+
 Headers = Sequence[tuple[bytes, bytes]]
 _HEAD_LIMIT = 1 << 20  # bytes of status line and headers
 _READ_SIZE = 1 << 16
-_T = TypeVar("_T")
-
-if sys.version_info >= (3, 11):
-
-    async def _within(seconds: float, step: Awaitable[_T]) -> _T:
-        async with asyncio.timeout(seconds):  # no task per wait, unlike wait_for before 3.12
-            return await step
-
-else:
-
-    async def _within(seconds: float, step: Awaitable[_T]) -> _T:
-        return await asyncio.wait_for(step, seconds)
 
 
 class UpstreamError(Exception):
@@ -177,7 +166,7 @@ class NodePool:
         scheme, host, port = key
         tls = self._tls_context() if scheme == "https" else None
         try:
-            reader, writer = await _within(
+            reader, writer = await within(
                 self.connect_timeout, asyncio.open_connection(host, port, ssl=tls, limit=_HEAD_LIMIT)
             )
         except (OSError, asyncio.TimeoutError) as exc:
@@ -194,7 +183,7 @@ class NodePool:
     async def _exchange(self, conn: _Conn, key: _Key, request: bytes, fresh: bool = False) -> RawResponse:
         try:
             conn.writer.write(request)
-            head = await _within(self.read_timeout, conn.reader.readuntil(b"\r\n\r\n"))
+            head = await within(self.read_timeout, conn.reader.readuntil(b"\r\n\r\n"))
             return RawResponse(self, key, conn, head)
         except asyncio.IncompleteReadError as exc:
             conn.close()
@@ -262,14 +251,14 @@ class RawResponse:
         reader = self._conn.reader
         try:
             if self._chunked:
-                data = await _within(self._pool.read_timeout, self._next_coded(reader))
+                data = await within(self._pool.read_timeout, self._next_coded(reader))
             elif self._left >= 0:
-                data = await _within(self._pool.read_timeout, reader.read(min(self._left, _READ_SIZE)))
+                data = await within(self._pool.read_timeout, reader.read(min(self._left, _READ_SIZE)))
                 if self._left and not data:
                     raise asyncio.IncompleteReadError(b"", self._left)
                 self._left -= len(data)
             else:
-                data = await _within(self._pool.read_timeout, reader.read(_READ_SIZE))
+                data = await within(self._pool.read_timeout, reader.read(_READ_SIZE))
         except (
             OSError,
             asyncio.TimeoutError,
