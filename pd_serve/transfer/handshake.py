@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 NONCE_BYTES = 32
 _LABELS = {"sender": "pd-serve transfer: sender proof", "receiver": "pd-serve transfer: receiver proof"}
+REASON_CHARS = 300  # a refusal quoting a peer's fields is cut to this in logs and answers
 TOKEN_HINT = "set the same --cluster-token-file or PD_SERVE_CLUSTER_TOKEN on every node"
 
 
@@ -149,7 +150,7 @@ class Handshake:
         if msg.version != PROTOCOL_VERSION:
             return f"protocol version {msg.version} is not {PROTOCOL_VERSION}"
         if msg.backend != self.plane.name:
-            return f"backend {msg.backend!r} differs from this engine's {self.plane.name!r}"
+            return f"backend {str(msg.backend)[:40]!r} differs from this engine's {self.plane.name!r}"
         if not isinstance(msg.host_id, str) or not valid_nonce(msg.nonce):
             return "malformed hello: host_id or nonce"
         return token_setting_refusal(self.config.token is not None, bool(msg.auth))
@@ -198,6 +199,8 @@ class Handshake:
 
     async def _refuse(self, conn: Connection, reason: str) -> NoReturn:
         """Count, log once, tell the peer why (when it waits for an answer), close."""
+        if len(reason) > REASON_CHARS:  # may quote what an unauthenticated peer sent
+            reason = reason[:REASON_CHARS] + "..."
         self.stats["refused_connections"] += 1
         side = f"to {conn.peer}" if conn.outbound else f"from {conn.peer}"
         log.warning("transfer control connection %s refused: %s", side, reason)

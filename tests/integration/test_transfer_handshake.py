@@ -209,6 +209,21 @@ def test_a_ucx_sender_makes_no_endpoint_for_a_peer_that_has_not_proved_the_token
         assert prefill.stats()["refused_connections"] == 1
 
 
+def test_a_refusal_quoting_a_huge_field_is_cut_in_the_log_and_the_answer(caplog: pytest.LogCaptureFixture) -> None:
+    """An unauthenticated peer chooses the backend string a refusal quotes: it must not flood the log."""
+    with caplog.at_level(logging.WARNING, logger="pd_serve.transfer"), _engine(TOKEN) as prefill:
+        with _raw(prefill) as sock:
+            hello = Hello(PROTOCOL_VERSION, "x" * 60000, True, new_nonce(), host_id(), 1)
+            sock.sendall(encode(hello))
+            reply = read_frame(sock)
+            assert isinstance(reply, HelloReply) and not reply.ok
+            assert "differs from this engine" in (reply.reason or "") and len(reply.reason or "") < 400
+            assert _closed(sock)
+        assert prefill.stats()["refused_connections"] == 1
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and len(refusals[0]) < 500, [len(m) for m in refusals]
+
+
 def _impostor(listener: socket.socket, token: str | None, received: list[Message]) -> None:
     """A sender that does not hold the cluster token: it answers with a forged proof (or none)."""
     listener.settimeout(20)
