@@ -47,6 +47,7 @@ from pd_serve.frontend.cli import API_KEYS_ENV
 from pd_serve.frontend.config import POLICIES
 from pd_serve.http_common import CLUSTER_TOKEN_ENV, read_cluster_token
 from pd_serve.logs import add_log_arguments, setup_logging
+from pd_serve.signals import SignalRelay
 
 READY_POLL_S = 0.2
 _PR_SET_PDEATHSIG = 1
@@ -370,8 +371,9 @@ def run(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-serve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
+    relay = SignalRelay("pd-serve-up-signals")  # a second signal inside the first one's stop.set() would hang
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, relay.relayed(lambda _: stop.set()))
     cluster = Cluster(args, log_dir, stop, env)
     code = 0
     try:

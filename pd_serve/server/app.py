@@ -105,7 +105,9 @@ async def _drain(state: NodeState, supervisor: int) -> None:
 
 
 def _tell_supervisor(state: NodeState, supervisor: int) -> None:
-    if state.config.drain_timeout > 0 and os.getppid() == supervisor:
+    """Once: the end of each drain call and of the lifespan would each tell it."""
+    if state.config.drain_timeout > 0 and not state.told_supervisor and os.getppid() == supervisor:
+        state.told_supervisor = True
         os.kill(supervisor, DRAINED_SIGNAL)
 
 

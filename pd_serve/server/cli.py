@@ -140,20 +140,23 @@ def _drain_before_stop(granian: Any, drain_timeout: float = 0.0) -> None:
 
     Granian stops a worker gracefully: it waits for open connections, and a stream may run for
     minutes. Draining first ends those requests (finished, or aborted in the engine), so the stop is
-    prompt. This wraps Granian's supervisor signal handler (`signal_handler_interrupt`, installed
-    by `serve()`); should a later Granian rename it, shutdown still works, only slower and without
-    the drain.
+    prompt. This wraps Granian's supervisor signal handlers (`signal_handler_interrupt` and
+    `signal_handler_reload`, installed by `serve()`); should a later Granian rename them, shutdown
+    still works, only slower and without the drain. Every handler goes through a `SignalRelay`:
+    the worker's DRAINED_SIGNAL may land while a SIGTERM's handler is inside `Event.set`, and a
+    handler that takes that lock again hangs the supervisor for good.
     """
     import os
     import signal
     import threading
 
     from pd_serve.server.state import DRAIN_SIGNAL, DRAINED_SIGNAL
+    from pd_serve.signals import SignalRelay
 
     stop = granian.signal_handler_interrupt
     signals = 0
 
-    def drain_then_stop(*args: Any, **kwargs: Any) -> None:
+    def drain_then_stop(*_: Any) -> None:
         nonlocal signals
         signals += 1
         for worker in list(getattr(granian, "wrks", [])):
@@ -161,11 +164,14 @@ def _drain_before_stop(granian: Any, drain_timeout: float = 0.0) -> None:
             if pid is not None and worker.is_alive():
                 os.kill(pid, DRAIN_SIGNAL)
         if drain_timeout <= 0 or signals > 1 or not getattr(granian, "wrks", None):
-            stop(*args, **kwargs)
+            stop()
             return
         late = threading.Timer(drain_timeout + DRAIN_SLACK_S, stop)
         late.daemon = True
         late.start()
 
-    granian.signal_handler_interrupt = drain_then_stop
-    signal.signal(DRAINED_SIGNAL, lambda *_: stop())
+    relay = SignalRelay("pd-serve-signals")
+    reload = granian.signal_handler_reload
+    granian.signal_handler_interrupt = relay.relayed(drain_then_stop)
+    granian.signal_handler_reload = relay.relayed(lambda _: reload())
+    signal.signal(DRAINED_SIGNAL, relay.relayed(lambda _: stop()))

@@ -120,6 +120,7 @@ class NodeState:
     generations: int = 0  # generation HTTP requests in flight (the app's `CountGenerations` counts them)
     _cut: asyncio.Event = field(default_factory=asyncio.Event)  # set: abort what a drain waits for, now
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
+    told_supervisor: bool = False  # DRAINED_SIGNAL sent (the app sends it once)
     started_at: float = field(default_factory=time.time)
 
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,13 @@ def _draining(node: ChildProcess) -> bool:
     return httpx.get(f"{node.url}/health", timeout=10).status_code == 503
 
 
+def _exit_code(node: ChildProcess) -> int:
+    try:
+        return node.popen.wait(EXIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the node did not exit within {EXIT_TIMEOUT_S} s; its log:\n{node.log_text()[-3000:]}")
+
+
 def _registered(bootstrap: BootstrapProcess) -> list[str]:
     return [n["node_id"] for n in httpx.get(f"{bootstrap.url}/v1/nodes", timeout=10).json()["nodes"]]
 
@@ -107,7 +115,7 @@ def test_drain_refuses_new_work_finishes_streams_and_a_second_sigterm_aborts(nod
     os.kill(node.pid, signal.SIGTERM)
     reason, tokens = long.finish()
     assert reason == "abort" and tokens < LONG_TOKENS
-    assert node.popen.wait(EXIT_TIMEOUT_S) == 0
+    assert _exit_code(node) == 0
     with pytest.raises(httpx.ConnectError):  # the listener is closed once the node has stopped
         httpx.get(f"{node.url}/health", timeout=10)
 
@@ -119,7 +127,7 @@ def test_drain_aborts_what_is_left_at_the_timeout_and_exits(nodes: dict[str, Any
     os.kill(node.pid, signal.SIGTERM)
     reason, tokens = long.finish()
     assert reason == "abort" and 0 < tokens < LONG_TOKENS
-    assert node.popen.wait(EXIT_TIMEOUT_S) == 0  # by itself, no second signal
+    assert _exit_code(node) == 0  # by itself, no second signal
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])

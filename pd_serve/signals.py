@@ -1,0 +1,58 @@
+"""Signal handlers that cannot deadlock the process that receives the signals.
+
+Python runs a signal handler on the main thread between two bytecodes, including inside another
+handler and inside `threading.Event.set()` while it holds the event's lock. A handler that itself
+takes that lock (`Event.set`, `Thread.start`, a `Timer`, logging) then waits forever for its own
+thread. This hung a node's supervisor at the end of a drain: the worker's DRAINED_SIGNAL arrived
+while the handler of the second SIGTERM was inside `Event.set`. So `SignalRelay`'s handlers only
+write one byte to a non-blocking pipe. A daemon thread reads the pipe and runs the real callbacks,
+one at a time, in the order the signals came. No signal handler runs on that thread, so the
+callbacks may take any lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int], Any]  # called with the signal number
+Handler = Callable[[int, FrameType | None], None]  # what signal.signal takes
+
+
+class SignalRelay:
+    """`relayed(callback)` gives a handler for `signal.signal` (or for a library that installs its
+    own) that runs `callback(signum)` on the relay's thread. At most 256 callbacks per relay."""
+
+    def __init__(self, name: str) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._callbacks: list[Callback] = []
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def relayed(self, callback: Callback) -> Handler:
+        if len(self._callbacks) == 256:
+            raise ValueError("a SignalRelay relays at most 256 callbacks")
+        index = len(self._callbacks)
+        self._callbacks.append(callback)
+
+        def handler(signum: int = 0, frame: FrameType | None = None) -> None:
+            with contextlib.suppress(OSError):  # a full pipe (thousands unread) already wakes the thread
+                os.write(self._write, bytes([index, signum & 0xFF]))  # atomic: under PIPE_BUF
+
+        return handler
+
+    def _run(self) -> None:
+        while True:
+            data = os.read(self._read, 512)  # whole pairs: each write is one atomic pair
+            for index, signum in zip(data[::2], data[1::2]):
+                try:
+                    self._callbacks[index](signum)
+                except Exception:  # one callback's failure must not stop the relay
+                    log.exception("the handler of signal %d failed", signum)

@@ -1,0 +1,62 @@
+"""`SignalRelay`: a signal that lands while the main thread holds the lock its callback needs (the
+supervisor's hang: DRAINED_SIGNAL inside the SIGTERM handler's `Event.set`) still runs that
+callback, once the lock is free, instead of deadlocking. Each case runs in a child process, so a
+deadlock fails the test at its timeout instead of hanging the suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HELD_LOCK = """
+import os, signal, threading, time
+from pd_serve.signals import SignalRelay
+
+{make_handler}
+event = threading.Event()
+signal.signal(signal.SIGUSR2, handler)
+with event._cond:  # what Event.set holds while a second signal lands in it
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.2)  # the handler runs on this thread, between two bytecodes, the lock held
+    print("returned", event.is_set(), flush=True)
+print("set", event.wait(10), flush=True)
+"""
+
+
+def _run(make_handler: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    code = HELD_LOCK.format(make_handler=textwrap.dedent(make_handler))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_relayed_handler_returns_at_once_and_its_callback_runs_once_the_lock_is_free() -> None:
+    done = _run("relay = SignalRelay('test')\nhandler = relay.relayed(lambda signum: event.set())")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["returned False", "set True"]
+
+
+def test_the_same_callback_called_in_the_handler_deadlocks() -> None:
+    """The hazard itself, so that the test above is known to test it."""
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run("def handler(signum, frame):\n    event.set()", timeout=5)
+
+
+def test_callbacks_run_in_signal_order_with_their_signal_and_survive_a_failing_one() -> None:
+    code = """
+import os, signal, threading
+from pd_serve.signals import SignalRelay
+relay, seen, done = SignalRelay("test"), [], threading.Event()
+def fail(signum):
+    raise RuntimeError("boom")
+signal.signal(signal.SIGUSR1, relay.relayed(seen.append))
+signal.signal(signal.SIGUSR2, relay.relayed(fail))
+signal.signal(signal.SIGHUP, relay.relayed(lambda signum: done.set()))
+for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGUSR1, signal.SIGHUP):
+    os.kill(os.getpid(), sig)
+print(done.wait(10), seen == [signal.SIGUSR1, signal.SIGUSR1], flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "True True", done.stdout + done.stderr
+    assert "the handler of signal 12 failed" in done.stderr and "RuntimeError: boom" in done.stderr
