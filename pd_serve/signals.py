@@ -56,3 +56,15 @@ class SignalRelay:
                     self._callbacks[index](signum)
                 except Exception:  # one callback's failure must not stop the relay
                     log.exception("the handler of signal %d failed", signum)
+
+
+def relay_granian_signals(granian: Any, interrupt: Callback | None = None) -> SignalRelay:
+    """Route Granian's supervisor handlers through a relay; call it before `serve()`, which installs
+    them. Both set a `threading.Event`: `signal_handler_interrupt` (SIGINT/SIGTERM) and
+    `signal_handler_reload` (SIGHUP). `interrupt`, when given, replaces what SIGINT/SIGTERM do.
+    Returns the relay, for the caller's own signals."""
+    relay = SignalRelay("granian-signals")
+    stop, reload = granian.signal_handler_interrupt, granian.signal_handler_reload
+    granian.signal_handler_interrupt = relay.relayed(interrupt or (lambda _: stop()))
+    granian.signal_handler_reload = relay.relayed(lambda _: reload())
+    return relay

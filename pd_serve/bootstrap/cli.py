@@ -85,11 +85,13 @@ def check_port_free(host: str, port: int) -> None:
 def serve(config: BootstrapConfig, log: LogConfig) -> None:
     """Serve until SIGINT/SIGTERM; one Granian worker (the memory store is per process)."""
     from pd_serve.http_common import granian_server, warn_if_open
+    from pd_serve.signals import relay_granian_signals
 
     setup_logging(log.role, log.level, log.fmt)
     warn_if_open(logging.getLogger("pd_serve.bootstrap"), "bootstrap service", config.auth_token)
     server = granian_server("pd_serve.bootstrap.app:create_app", config.host, config.port, log.level,
                             log_dictconfig=granian_log_config())
+    relay_granian_signals(server)  # Granian's own handlers could deadlock on a second signal
     server.serve(target_loader=partial(build_app, config, log), wrap_loader=False)
 
 

@@ -233,9 +233,11 @@ def _logging(log: LogConfig) -> None:
 def serve(config: FrontendConfig, log: LogConfig) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     from pd_serve.http_common import granian_server
+    from pd_serve.signals import relay_granian_signals
 
     _logging(log)
     granian = granian_server("pd_serve.frontend.app:create_app", config.host, config.port, log.level,
                              config.ssl_certfile, config.ssl_keyfile, log_dictconfig=granian_log_config())
+    relay_granian_signals(granian)  # Granian's own handlers could deadlock on a second signal
     granian.serve(target_loader=partial(build_app, config, log), wrap_loader=False)
     return 0

@@ -151,7 +151,7 @@ def _drain_before_stop(granian: Any, drain_timeout: float = 0.0) -> None:
     import threading
 
     from pd_serve.server.state import DRAIN_SIGNAL, DRAINED_SIGNAL
-    from pd_serve.signals import SignalRelay
+    from pd_serve.signals import relay_granian_signals
 
     stop = granian.signal_handler_interrupt
     signals = 0
@@ -170,8 +170,5 @@ def _drain_before_stop(granian: Any, drain_timeout: float = 0.0) -> None:
         late.daemon = True
         late.start()
 
-    relay = SignalRelay("pd-serve-signals")
-    reload = granian.signal_handler_reload
-    granian.signal_handler_interrupt = relay.relayed(drain_then_stop)
-    granian.signal_handler_reload = relay.relayed(lambda _: reload())
+    relay = relay_granian_signals(granian, drain_then_stop)
     signal.signal(DRAINED_SIGNAL, relay.relayed(lambda _: stop()))

@@ -60,3 +60,26 @@ print(done.wait(10), seen == [signal.SIGUSR1, signal.SIGUSR1], flush=True)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.stdout.strip() == "True True", done.stdout + done.stderr
     assert "the handler of signal 12 failed" in done.stderr and "RuntimeError: boom" in done.stderr
+
+
+def test_granians_supervisor_handlers_are_relayed() -> None:
+    """Granian's own SIGINT/SIGTERM and SIGHUP handlers set its main loop's Event: relayed, a call made
+    while that Event's lock is held returns, and the Event is set once the lock is free."""
+    code = """
+import time
+from pd_serve.http_common import granian_server
+from pd_serve.signals import relay_granian_signals
+granian = granian_server("x:app", "127.0.0.1", 0, "warning")
+relay_granian_signals(granian)
+event = granian.main_loop_interrupt
+for handler, flag in ((granian.signal_handler_reload, "reload_signal"),
+                      (granian.signal_handler_interrupt, "interrupt_signal")):
+    with event._cond:
+        handler(15, None)  # as the signal would call it, here with the lock held
+        time.sleep(0.2)
+        print(event.is_set(), end=" ")
+    print(event.wait(10), getattr(granian, flag), end=" ", flush=True)
+    event.clear()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.split() == ["False", "True", "True"] * 2, done.stdout + done.stderr
