@@ -34,6 +34,7 @@ class SignalRelay:
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._callbacks: list[Callback] = []
+        self._owner = os.getpid()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def relayed(self, callback: Callback) -> Handler:
@@ -43,6 +44,8 @@ class SignalRelay:
         self._callbacks.append(callback)
 
         def handler(signum: int = 0, frame: FrameType | None = None) -> None:
+            if os.getpid() != self._owner:  # a forked child (Granian's worker) keeps the handler, not the thread,
+                return  # and its byte would reach this process's callbacks
             with contextlib.suppress(OSError):  # a full pipe (thousands unread) already wakes the thread
                 os.write(self._write, bytes([index, signum & 0xFF]))  # atomic: under PIPE_BUF
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +30,8 @@ from pd_serve.engine.sampling_params import SamplingParams
 from pd_serve.logs import current as current_logging
 
 STATS_TIMEOUT_S = 10.0  # a first step (lazy torch init) on a loaded 2-core machine took > 2 s
+
+log = logging.getLogger(__name__)
 
 
 class EngineStartError(RuntimeError):
@@ -59,11 +63,13 @@ class EngineClient:
         self._in.connect(self.addrs.inputs)
         self._proc = multiprocessing.get_context("spawn").Process(
             target=run_engine,
-            args=(self.config, self.addrs, self.disagg, current_logging()),  # the engine logs as we do
+            # the engine logs as we do, and stops should this process die without stopping it
+            args=(self.config, self.addrs, self.disagg, current_logging(), os.getpid()),
             name="pd-serve-engine",
             daemon=True,
         )
         self._proc.start()
+        log.info("engine process %d started: loading %s", self._proc.pid, self.config.model)
         ready = asyncio.get_running_loop().create_future()
         self._replies["ready"] = ready
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]

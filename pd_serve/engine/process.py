@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -28,6 +29,8 @@ from pd_serve.logs import LogConfig, setup_logging
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
 ROOM_POLL_MS = 1
+ORPHAN_POLL_S = 0.5  # how often the engine checks that its API process is alive
+ORPHAN_GRACE_S = 10.0  # then how long it may take to stop before it exits hard
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,12 @@ def run_engine(
     addrs: EngineAddresses,
     disagg: DisaggConfig | None = None,
     log_config: LogConfig | None = None,
+    api_pid: int | None = None,
 ) -> None:
     """Process entry point: build the engine, announce readiness, loop until Shutdown or a signal.
     `log_config`: the API process's logging (`pd_serve.logs.current()`); the role gets "/engine" added.
-    Without one: text at info, role "engine"."""
+    Without one: text at info, role "engine". `api_pid`: the API process that spawned this one; the
+    engine stops when it is gone (`stop_when_orphaned`)."""
     parent = log_config or LogConfig("engine")
     setup_logging(f"{parent.role}/engine" if log_config else "engine", parent.level, parent.fmt)
     ctx = zmq.Context()
@@ -63,6 +68,8 @@ def run_engine(
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when we stop
+    if api_pid is not None:
+        stop_when_orphaned(api_pid, stop)
     try:
         from pd_serve.engine.core import EngineCore
 
@@ -90,6 +97,27 @@ def run_engine(
     out.close()
     inp.close()
     ctx.term()
+
+
+def stop_when_orphaned(api_pid: int, stop: dict[str, bool], grace_s: float = ORPHAN_GRACE_S) -> threading.Thread:
+    """Stop this engine once its API process is gone without stopping it: killed (SIGKILL, the OOM
+    killer), crashed, or stopped by a signal while it started. An orphan would hold its GPU memory and
+    its transfer port, and the API process Granian starts in its place could not start its engine.
+    The loop sees `stop` between steps; should the engine still run `grace_s` later (loading weights,
+    stuck in a step), the process exits hard, which frees its memory all the same."""
+
+    def watch() -> None:
+        while os.getppid() == api_pid:
+            time.sleep(ORPHAN_POLL_S)
+        log.warning("the API process (pid %d) is gone: stopping this engine", api_pid)
+        stop["flag"] = True
+        time.sleep(grace_s)
+        log.error("the engine did not stop within %g s of its API process's end: exiting now", grace_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="pd-serve-orphan-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 class EngineLoop:

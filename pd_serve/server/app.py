@@ -9,8 +9,10 @@ routing and unexpected ones (logged here with their stack, never sent).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -33,24 +35,40 @@ from pd_serve.server.state import DRAIN_SIGNAL, DRAINED_SIGNAL, NodeState
 
 log = logging.getLogger(__name__)
 DEFAULT_PROFILE_DIR = "/tmp/pd-serve-profiles"
+SUPERVISOR_POLL_S = 0.5
 
 
 def create_app(state: NodeState) -> Any:
+    # DRAIN_SIGNALs from here to the lifespan's handler are kept for it. The worker starts with the
+    # signal blocked (by its supervisor, `_drain_before_stop`): unblocked, one sent before now arrives.
+    # Not on the main thread (an embedded server): signal.signal raises, and nothing changes.
+    early: list[int] = []
+    with contextlib.suppress(ValueError):
+        signal.signal(DRAIN_SIGNAL, lambda signum, _: early.append(signum))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {DRAIN_SIGNAL})
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await state.start()
         supervisor = os.getppid()  # Granian's supervisor, which sends DRAIN_SIGNAL
         loop = asyncio.get_running_loop()
-        drain_signals: list[int] = []  # DRAIN_SIGNALs received: only then does the supervisor wait to be told
+        drain_signals = list(early)  # DRAIN_SIGNALs received: only then does the supervisor wait to be told
+        started = False
 
         def on_drain_signal() -> None:
             drain_signals.append(DRAIN_SIGNAL)
-            _background_drain(state, supervisor)
+            if started:  # one while the engine starts is served once it has started
+                _background_drain(state, supervisor)
 
         loop.add_signal_handler(DRAIN_SIGNAL, on_drain_signal)
+        await state.start()
+        started = True
+        for _signal in drain_signals:  # a SIGTERM came while starting: drain (nothing in flight) and stop
+            _background_drain(state, supervisor)
+        orphan_watch = loop.create_task(_stop_without_supervisor(state, supervisor))
         try:
             yield
         finally:
+            orphan_watch.cancel()
             await state.stop()
             if drain_signals:  # stopped on its own during a drain (a signal to the whole group); not
                 # when the supervisor stopped this worker unasked (Granian's SIGHUP reload): that
@@ -102,6 +120,17 @@ async def _drain(state: NodeState, supervisor: int) -> None:
     worker; with 0 it stops it at once, as Granian does."""
     await state.drain(state.config.drain_timeout)
     _tell_supervisor(state, supervisor)
+
+
+async def _stop_without_supervisor(state: NodeState, supervisor: int) -> None:
+    """Granian's worker outlives a supervisor killed with SIGKILL and goes on serving, with the port,
+    the engine and its GPU memory, and nothing left to stop it. Stop as on SIGTERM instead (aborting
+    what is in flight: nobody will wait for a drain), through Granian's own stop."""
+    while os.getppid() == supervisor:
+        await asyncio.sleep(SUPERVISOR_POLL_S)
+    log.warning("the supervisor (pid %d) is gone: aborting the requests in flight and stopping", supervisor)
+    await state.drain()
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _tell_supervisor(state: NodeState, supervisor: int) -> None:

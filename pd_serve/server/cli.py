@@ -172,3 +172,8 @@ def _drain_before_stop(granian: Any, drain_timeout: float = 0.0) -> None:
 
     relay = relay_granian_signals(granian, drain_then_stop)
     signal.signal(DRAINED_SIGNAL, relay.relayed(lambda _: stop()))
+    # Ignored and blocked here, and so in the worker (fork, and exec, keep both) until its app takes the
+    # signal over: one sent to a worker still starting then waits for it, pending. By default it killed
+    # that worker (exit 1, and the engine it had spawned lived on); ignored alone, it would be lost.
+    signal.signal(DRAIN_SIGNAL, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {DRAIN_SIGNAL})

@@ -83,3 +83,27 @@ for handler, flag in ((granian.signal_handler_reload, "reload_signal"),
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.stdout.split() == ["False", "True", "True"] * 2, done.stdout + done.stderr
+
+
+def test_a_forked_child_does_not_relay_into_its_parent() -> None:
+    """Granian forks its worker, which keeps the supervisor's handlers (and the relay's pipe) but not
+    its thread: a signal to the worker must not run the supervisor's callback."""
+    code = """
+import os, signal, time
+from pd_serve.signals import SignalRelay
+relay, seen = SignalRelay("test"), []
+signal.signal(signal.SIGUSR1, relay.relayed(seen.append))
+child = os.fork()
+if child == 0:
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.2)
+    os._exit(0)
+os.waitpid(child, 0)
+time.sleep(0.5)
+print(seen, end=" ")
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.5)
+print(seen, flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == "[] [10]", done.stdout + done.stderr
