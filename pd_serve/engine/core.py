@@ -33,21 +33,50 @@ from pd_serve.model.loader import check_device, load_model, resolve_dtype
 log = logging.getLogger(__name__)
 
 
+# tokenizer classes whose transformers tokenizer is tokenizer.json as it stands (transformers 5)
+VERBATIM_TOKENIZER_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+
+
 def load_tokenizer(model_dir: Path):  # noqa: ANN201 (a transformers tokenizer)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def eos_token_ids(model_dir: Path, model: ModelConfig, tokenizer: object) -> frozenset[int]:
+def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return config if isinstance(config, dict) else {}
+
+
+def verbatim_tokenizer(model_dir: Path):  # noqa: ANN201 (a tokenizers.Tokenizer, or None)
+    """The engine only decodes and needs the eos token. Where transformers would use tokenizer.json as
+    it stands, `tokenizers` reads it directly, so the engine process does not import transformers (3 to
+    4 s of every node's start). None otherwise (another tokenizer class, no tokenizer.json)."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file() or _tokenizer_config(model_dir).get("tokenizer_class") not in VERBATIM_TOKENIZER_CLASSES:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def verbatim_eos_id(model_dir: Path, tokenizer: Any) -> int | None:
+    """What transformers' `eos_token_id` would be: tokenizer_config's eos_token, as a token id."""
+    eos = _tokenizer_config(model_dir).get("eos_token")
+    if isinstance(eos, dict):  # a serialized AddedToken
+        eos = eos.get("content")
+    return tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+
+
+def eos_token_ids(model_dir: Path, model: ModelConfig, tokenizer_eos: int | None) -> frozenset[int]:
     ids = set(model.eos_token_ids)
     gen = model_dir / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids |= set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids.add(tok_eos)
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
     return frozenset(ids)
 
 
@@ -61,10 +90,16 @@ class EngineCore:
         self.device = check_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
         self.max_model_len = self._max_model_len()
-        self.tokenizer = load_tokenizer(self.model_dir)
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        self._decode = backend.decode if backend is not None else self.tokenizer.decode
-        self.eos_ids = eos_token_ids(self.model_dir, self.model_config, self.tokenizer)
+        self._tokenizer: Any = None  # transformers', loaded on first use of `tokenizer`
+        verbatim = verbatim_tokenizer(self.model_dir)
+        if verbatim is not None:
+            self._decode = verbatim.decode
+            tokenizer_eos = verbatim_eos_id(self.model_dir, verbatim)
+        else:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            self._decode = backend.decode if backend is not None else self.tokenizer.decode
+            tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = eos_token_ids(self.model_dir, self.model_config, tokenizer_eos)
         self.model = load_model(self.model_dir, config.dtype, config.device, self.max_model_len, config.show_progress)
         num_pages = num_pages_for(
             self.model_config, self.dtype, config.page_size, config.max_total_tokens, config.kv_cache_memory
@@ -90,6 +125,13 @@ class EngineCore:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestDelta] = []
         self.steps = 0
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 (a transformers tokenizer)
+        """The model's transformers tokenizer (the offline `LLM` encodes and renders chats with it)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_dir)
+        return self._tokenizer
 
     def _start_transfer(self, disagg: DisaggConfig) -> None:
         from pd_serve.transfer import LayoutFingerprint, TransferEngine

@@ -10,10 +10,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from pd_serve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # torch is imported where a seed needs it: the API process (which imports the
+    import torch  # scheduler's errors) should not pay 2 s and 300 MB for it before it starts its engine
 
 
 class RequestStatus(enum.Enum):
@@ -47,6 +49,8 @@ class Request:
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
+            import torch
+
             self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property

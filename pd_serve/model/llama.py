@@ -46,13 +46,14 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
-def rope_cos_sin(config: ModelConfig, max_positions: int) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos of each frequency, then sin (each frequency twice)."""
+def rope_cos_sin(config: ModelConfig, max_positions: int, device: str | None = None) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos of each frequency, then sin (each frequency twice).
+    `device`: where to build it (default: the current default device)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     if config.rope_scaling is not None:
         inv_freq = _llama3_scale(inv_freq, config)
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.int64).float(), inv_freq)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.int64, device=device).float(), inv_freq)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
 
 
@@ -147,7 +148,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("cos_sin", rope_cos_sin(config, max_positions), persistent=False)
+        # on the CPU even when the model is built on the meta device (the loader's way, which then
+        # computes it again where the model runs): on meta, torch runs these ops as Python reference
+        # kernels, which import torch._dynamo (a second of every engine's start)
+        self.register_buffer("cos_sin", rope_cos_sin(config, max_positions, device="cpu"), persistent=False)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

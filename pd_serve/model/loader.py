@@ -7,8 +7,10 @@ mismatch is an error naming the tensor and the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,7 +54,7 @@ def load_model(
     dev = check_device(device)
     torch_dtype = resolve_dtype(dtype, config, device)
     positions = max_positions or config.max_position_embeddings
-    with torch.device("meta"):
+    with torch.device("meta"), _without_init():
         model = LlamaForCausalLM(config, positions)
     model = model.to_empty(device=dev).to(torch_dtype)
     model.cos_sin = rope_cos_sin(config, positions).to(dev)
@@ -60,6 +62,21 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     _load_weights(model, Path(model_dir), show_progress)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _without_init() -> Iterator[None]:
+    """Modules built on the meta device skip their random init: every weight is loaded over it, and on
+    meta tensors that init runs Python kernels that import torch._dynamo (2 s of every engine's start)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:
