@@ -5,7 +5,7 @@ handler and inside `threading.Event.set()` while it holds the event's lock. A ha
 takes that lock (`Event.set`, `Thread.start`, a `Timer`, logging) then waits forever for its own
 thread. This hung a node's supervisor at the end of a drain: the worker's DRAINED_SIGNAL arrived
 while the handler of the second SIGTERM was inside `Event.set`. So `SignalRelay`'s handlers only
-write one byte to a non-blocking pipe. A daemon thread reads the pipe and runs the real callbacks,
+write two bytes (which callback, which signal) to a non-blocking pipe. A daemon thread reads the pipe and runs the real callbacks,
 one at a time, in the order the signals came. No signal handler runs on that thread, so the
 callbacks may take any lock.
 """

@@ -51,7 +51,7 @@ def create_app(state: NodeState) -> Any:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         supervisor = os.getppid()  # Granian's supervisor, which sends DRAIN_SIGNAL
         loop = asyncio.get_running_loop()
-        drain_signals = list(early)  # DRAIN_SIGNALs received: only then does the supervisor wait to be told
+        drain_signals: list[int] = []  # DRAIN_SIGNALs received: only then does the supervisor wait to be told
         started = False
 
         def on_drain_signal() -> None:
@@ -60,6 +60,7 @@ def create_app(state: NodeState) -> Any:
                 _background_drain(state, supervisor)
 
         loop.add_signal_handler(DRAIN_SIGNAL, on_drain_signal)
+        drain_signals += early  # final now: the handler above replaced the one that fills it
         await state.start()
         started = True
         for _signal in drain_signals:  # a SIGTERM came while starting: drain (nothing in flight) and stop
