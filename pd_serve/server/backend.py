@@ -29,6 +29,9 @@ class NodeBackend(Protocol):
 
     async def start(self) -> dict[str, Any]: ...
 
+    async def join(self) -> None:
+        """Start being offered work (join the bootstrap registry): once the whole node is ready."""
+
     async def shutdown(self) -> None: ...
 
     async def leave(self) -> None:
@@ -71,6 +74,9 @@ class ColocatedBackend:
 
     async def shutdown(self) -> None:
         await self.client.shutdown()
+
+    async def join(self) -> None:
+        return None  # in no registry: the frontend's /health probe finds the node
 
     async def leave(self) -> None:
         return None  # in no registry: the frontend's /health probe sees the drain

@@ -71,13 +71,17 @@ class _RoleBackend(ColocatedBackend):
 
     async def start(self) -> dict[str, Any]:
         self.info = await self.client.start()
+        return self.info
+
+    async def join(self) -> None:
+        """Register once the whole node is ready, not once its engine is: the frontend sends work as
+        soon as it sees the entry, and the API process may still be loading its tokenizer."""
         if self.registration.bootstrap_url:
             try:
                 await self._register()
             except BaseException:
                 await self.client.shutdown()
                 raise
-        return self.info
 
     async def shutdown(self) -> None:
         await self.leave()

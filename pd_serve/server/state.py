@@ -162,6 +162,7 @@ class NodeState:
         )
         limit = self.engine_config.max_running_requests + self.config.max_queued_requests
         self.admission = Admission(limit)
+        await self.backend.join()  # last: the frontend may send work as soon as it sees the node
         log.info("node ready: %s, model %s, max_model_len %d", self.backend.role, self.model_name, self.max_model_len)
 
     async def drain(self, timeout: float = 0.0) -> None:
