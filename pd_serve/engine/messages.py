@@ -81,6 +81,7 @@ class RequestDelta:
     stop_reason: str | int | None = None  # the stop string or token that ended it
     error: str | None = None  # set with finish_reason "abort" when the engine refused the request
     error_param: str | None = None
+    error_code: str | None = None  # the OpenAI error code of a refusal; None: engine_unavailable
     logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0

@@ -257,6 +257,8 @@ class Relay:
             if p_task.done() and not p_task.result().ok:
                 return self._prefill_failure(p_task.result(), p.node_id)
         status, body, detail = outcome
+        if p is not None and _error_code(body) == "prefill_unreachable":
+            return self._transfer_failure(p, status, body)
         return self._decode_failure(d, status, body, detail)
 
     async def _open_decode(self, d: Node, path: str, payload: bytes) -> Opened | tuple[int, bytes, str]:
@@ -296,6 +298,13 @@ class Relay:
             )
         retryable = _retryable(result.status)
         return Failure(result.status, result.body, retryable, (p_id,), f"prefill_{result.status}")
+
+    def _transfer_failure(self, p: Node, status: int, body: bytes) -> Failure:
+        """D could not reach P for the KV (P gone from the registry, or its transfer endpoint
+        refusing, as a restarted node's old one does): P's fault, so the retry goes without P."""
+        self.nodes.breaker(p.node_id).failure()
+        self.metrics.node_failures.labels(node=p.node_id, kind="prefill").inc()
+        return Failure(status, body, True, (p.node_id,), "prefill_unreachable")
 
     def _decode_failure(self, d: Node, status: int, body: bytes, detail: str) -> Failure:
         if _node_fault(status):
@@ -423,6 +432,17 @@ def _is_error_event(head: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(payload, dict) and "error" in payload and "choices" not in payload
+
+
+def _error_code(body: bytes) -> str | None:
+    """The `error.code` of an OpenAI-shaped error body, if it has one."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _node_fault(status: int) -> bool:

@@ -15,6 +15,7 @@ is no bootstrap) and receives the prompt's KV; without `pd` it serves the reques
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from pd_serve.server.schemas import PDSpec
 log = logging.getLogger(__name__)
 PEER_LOOKUP_TIMEOUT_S = 5.0
 CONNECT_FAILURE = "cannot connect to "  # the transfer engine's reason (transfer/receiving.py)
+# The error code of a decode node's refusal when the request's prefill node cannot be reached for
+# the KV (gone from the registry, or its transfer endpoint refuses): the frontend blames that node.
+PREFILL_UNREACHABLE = "prefill_unreachable"
 
 
 class IncompatibleNode(RuntimeError):
@@ -183,32 +187,39 @@ class DecodeBackend(_RoleBackend):
         self.check_pd(pd)
         spec = None
         if pd is not None:
-            endpoint, problem, retryable = await self._peer_endpoint(pd)
+            endpoint, problem, param, code = await self._peer_endpoint(pd)
             if endpoint is None:
-                # a registry that cannot answer now is the cluster's problem (503, the frontend tries
-                # another pair), not a bad request
-                param = None if retryable else "pd"
-                yield m.RequestDelta(request_id, [], "", True, "abort", error=problem, error_param=param)
+                yield m.RequestDelta(request_id, [], "", True, "abort", error=problem, error_param=param,
+                                     error_code=code)
                 return
             spec = m.PDSpec(pd.room, endpoint)
         async for delta in self.client.generate(request_id, prompt_ids, params, pd=spec):
-            if pd is not None and delta.error and delta.error.startswith(CONNECT_FAILURE) and self._peers:
-                self._peers.invalidate(pd.prefill)  # a restarted prefill node listens on a new port
+            if pd is not None and delta.error and delta.error.startswith(CONNECT_FAILURE):
+                if self._peers:
+                    self._peers.invalidate(pd.prefill)  # a restarted prefill node listens on a new port
+                # the prefill node's fault, not this node's: the frontend retries without that node
+                delta = dataclasses.replace(
+                    delta, error=f"prefill node {pd.prefill!r}: {delta.error}", error_code=PREFILL_UNREACHABLE
+                )
             yield delta
 
-    async def _peer_endpoint(self, pd: PDSpec) -> tuple[str | None, str, bool]:
-        """The prefill node's transfer endpoint, or None, why not and whether a retry may work. With
-        the bootstrap service unreachable, the last record seen for the node is used."""
+    async def _peer_endpoint(self, pd: PDSpec) -> tuple[str | None, str, str | None, str | None]:
+        """The prefill node's transfer endpoint, or None, why not, and the refusal's error param and
+        code: param "pd" for a bad request; no param for a cluster problem (a registry that cannot
+        answer now: 503, and the frontend tries another pair). With the bootstrap service
+        unreachable, the last record seen for the node is used."""
         if pd.prefill_url:
             try:
                 r = await self._http.get(pd.prefill_url.rstrip("/") + "/server_info")
                 r.raise_for_status()
                 endpoint = r.json().get("transfer_endpoint")
             except (httpx.HTTPError, ValueError) as exc:
-                return None, f"prefill node {pd.prefill_url}: /server_info failed: {exc}", True
+                problem = f"prefill node {pd.prefill_url}: /server_info failed: {exc}"
+                return None, problem, None, PREFILL_UNREACHABLE
             if not endpoint:
-                return None, f"prefill node {pd.prefill_url} reports no transfer endpoint (is it a prefill node?)", False
-            return str(endpoint), "", True
+                problem = f"prefill node {pd.prefill_url} reports no transfer endpoint (is it a prefill node?)"
+                return None, problem, "pd", None
+            return str(endpoint), "", None, None
         from pd_serve.bootstrap.client import BootstrapError, NodeNotFound, PeerCache
 
         if self._peers is None:
@@ -216,15 +227,17 @@ class DecodeBackend(_RoleBackend):
         try:
             record = await self._peers.get(pd.prefill)
         except NodeNotFound as exc:
-            return None, f"prefill node {pd.prefill!r} is not in the bootstrap registry: {exc}", True
+            problem = f"prefill node {pd.prefill!r} is not in the bootstrap registry: {exc}"
+            return None, problem, None, PREFILL_UNREACHABLE
         except BootstrapError as exc:
             stale = self._peers.cached(pd.prefill)
             if stale is None:
-                return None, f"prefill node {pd.prefill!r}: the bootstrap registry cannot answer: {exc}", True
+                problem = f"prefill node {pd.prefill!r}: the bootstrap registry cannot answer: {exc}"
+                return None, problem, None, None
             record = stale
         if record.role != "prefill" or not record.transfer:
-            return None, f"node {pd.prefill!r} is a {record.role} node, not a prefill node", False
-        problem = _layout_difference(self.info["layout"], record.layout.model_dump(), pd.prefill)
-        if problem is not None:
-            return None, f"incompatible KV layout: {problem}", False
-        return record.transfer[0].address, "", True
+            return None, f"node {pd.prefill!r} is a {record.role} node, not a prefill node", "pd", None
+        difference = _layout_difference(self.info["layout"], record.layout.model_dump(), pd.prefill)
+        if difference is not None:
+            return None, f"incompatible KV layout: {difference}", "pd", None
+        return record.transfer[0].address, "", None, None

@@ -288,8 +288,8 @@ class OpenAIServing:
             return None
         if delta.error_param is not None:
             return bad_request(req.request_param(delta.error_param), delta.error)
-        return APIError(503, f"the engine could not serve the request: {delta.error}", code="engine_unavailable",
-                        headers={"Retry-After": "1"})
+        return APIError(503, f"the engine could not serve the request: {delta.error}",
+                        code=delta.error_code or "engine_unavailable", headers={"Retry-After": "1"})
 
     async def _collect(
         self, req: _GenerationRequest, fmt: ResponseFormat, planned: list[PlannedChoice], streams: list[Stream]

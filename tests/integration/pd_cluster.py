@@ -21,11 +21,14 @@ START_TIMEOUT = 240.0
 
 
 class RoleProcess(ChildProcess):
-    def __init__(self, role: str, bootstrap_url: str | None, args: Sequence[str] = (), wait: bool = True) -> None:
+    def __init__(
+        self, role: str, bootstrap_url: str | None, args: Sequence[str] = (), wait: bool = True,
+        node_id: str | None = None,
+    ) -> None:
         self.role = role
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.node_id = f"{role}-{self.port}"
+        self.node_id = node_id or f"{role}-{self.port}"
         argv = [sys.executable, "-m", "pd_serve.cli", role, "--model", "demo", "--host", "127.0.0.1",
                 "--port", str(self.port), "--node-id", self.node_id, "--log-level", "warning", *args]
         if bootstrap_url:

@@ -166,7 +166,8 @@ def test_pd_errors_are_openai_shaped(cluster: Cluster) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "pd"
         pd = {"room": 1, "prefill": "no-such-node", "decode": cluster.decode.node_id}
         r = client.post(cluster.decode.url + "/v1/completions", json={**_body("hello"), "pd": pd})
-        assert 400 <= r.status_code < 600 and "no-such-node" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "no-such-node" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "prefill_unreachable"  # the frontend retries without that node
     _assert_no_leak(cluster.prefill, cluster.decode)
 
 
@@ -206,9 +207,28 @@ def test_node_deaths_fail_rooms_cleanly(cluster: Cluster) -> None:
 
     asyncio.run(main())
 
-    # a new prefill node; then the decode node dies: the prefill's room times out and frees its state
-    c.prefill = RoleProcess("prefill", c.bootstrap.url, [*NODE_ARGS, "--transfer-backend", "tcp"])
+    # the prefill node restarts under its node id, with a new transfer port; the decode node's cached
+    # record still names the old port: the first request is refused as the prefill node's fault (the
+    # code the frontend blames that node by), the next one looks the node up again and succeeds
+    c.prefill = RoleProcess("prefill", c.bootstrap.url, [*NODE_ARGS, "--transfer-backend", "tcp"],
+                            node_id=c.prefill.node_id)
     c.children.append(c.prefill)
+
+    async def restarted() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            pd = {"room": 9003, "prefill": c.prefill.node_id, "decode": c.decode.node_id}
+            r = await client.post(c.decode.url + "/v1/completions", json={**_body(PROMPTS[2]), "pd": pd})
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["code"] == "prefill_unreachable" and c.prefill.node_id in error["message"], error
+            p, d = await pd_request(client, c.prefill.url, c.decode.url, "/v1/completions", _body(PROMPTS[2]),
+                                    c.prefill.node_id, c.decode.node_id)
+            assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+
+    asyncio.run(restarted())
+    _assert_no_leak(c.decode)
+
+    # then the decode node dies: the prefill's room times out and frees its state
     _kill(c.decode)
 
     async def orphan() -> None:

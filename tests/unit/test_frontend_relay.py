@@ -139,6 +139,39 @@ def test_prefill_failure_cancels_the_waiting_decode_request_and_retries() -> Non
     h.assert_no_load()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_decode_node_unable_to_reach_the_prefill_node_blames_the_prefill_node(stream: bool) -> None:
+    """The chaos run's case: d1 is dead and p0 restarted (the decode nodes' records of it are stale).
+    D's refusal with code prefill_unreachable is p0's fault: the retry keeps d0 and drops p0, where
+    blaming d0 left no pair and the client got the error."""
+    refusal = {"error": {"message": "prefill node 'p0': cannot connect to tcp://p0:1", "code": "prefill_unreachable"}}
+
+    async def events() -> AsyncIterator[bytes]:
+        yield _event(refusal)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        node, body = _node(request), json.loads(request.content)
+        if node == "d1":
+            raise httpx.ConnectError("refused")
+        if node.startswith("p"):
+            await asyncio.sleep(0.5 if node == "p0" else 0.01)  # p0 waits for a receiver that never comes
+            return httpx.Response(200, json={"room": body["pd"]["room"]})
+        if body["pd"]["prefill"] == "p0":
+            if stream:
+                return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+            return httpx.Response(503, json=refusal)
+        return httpx.Response(200, json=OK_JSON)
+
+    for _ in range(4):  # whichever pair round-robin starts with
+        h = Harness(handler, policy="round_robin")
+        status, data, headers = asyncio.run(h.run({**BODY, "stream": stream} if stream else BODY))
+        assert status == 200, data
+        assert headers[b"x-pd-prefill"] == b"p1" and headers[b"x-pd-decode"] == b"d0"
+        assert h.nodes.breaker("d0").consecutive_failures == 0
+        h.assert_no_load()
+    assert h.nodes.breaker("p0").consecutive_failures <= 1
+
+
 def test_client_errors_are_relayed_not_retried() -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         if _node(request).startswith("d"):
