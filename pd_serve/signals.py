@@ -5,9 +5,9 @@ handler and inside `threading.Event.set()` while it holds the event's lock. A ha
 takes that lock (`Event.set`, `Thread.start`, a `Timer`, logging) then waits forever for its own
 thread. This hung a node's supervisor at the end of a drain: the worker's DRAINED_SIGNAL arrived
 while the handler of the second SIGTERM was inside `Event.set`. So `SignalRelay`'s handlers only
-write two bytes (which callback, which signal) to a non-blocking pipe. A daemon thread reads the pipe and runs the real callbacks,
-one at a time, in the order the signals came. No signal handler runs on that thread, so the
-callbacks may take any lock.
+write two bytes (which callback, which signal) to a non-blocking pipe. A daemon thread reads the
+pipe and runs the real callbacks, one at a time, in the order the signals came. No signal handler
+runs on that thread, so the callbacks may take any lock.
 """
 
 from __future__ import annotations
@@ -61,13 +61,15 @@ class SignalRelay:
                     log.exception("the handler of signal %d failed", signum)
 
 
-def relay_granian_signals(granian: Any, interrupt: Callback | None = None) -> SignalRelay:
+def relay_granian_signals(
+    granian: Any, interrupt: Callback | None = None, reload: Callback | None = None
+) -> SignalRelay:
     """Route Granian's supervisor handlers through a relay; call it before `serve()`, which installs
     them. Both set a `threading.Event`: `signal_handler_interrupt` (SIGINT/SIGTERM) and
-    `signal_handler_reload` (SIGHUP). `interrupt`, when given, replaces what SIGINT/SIGTERM do.
-    Returns the relay, for the caller's own signals."""
+    `signal_handler_reload` (SIGHUP). `interrupt` and `reload`, when given, replace what those
+    signals do. Returns the relay, for the caller's own signals."""
     relay = SignalRelay("granian-signals")
-    stop, reload = granian.signal_handler_interrupt, granian.signal_handler_reload
+    stop, respawn = granian.signal_handler_interrupt, granian.signal_handler_reload
     granian.signal_handler_interrupt = relay.relayed(interrupt or (lambda _: stop()))
-    granian.signal_handler_reload = relay.relayed(lambda _: reload())
+    granian.signal_handler_reload = relay.relayed(reload or (lambda _: respawn()))
     return relay

@@ -146,6 +146,7 @@ def _drain_before_stop(granian: Any, drain_timeout: float = 0.0) -> None:
     the worker's DRAINED_SIGNAL may land while a SIGTERM's handler is inside `Event.set`, and a
     handler that takes that lock again hangs the supervisor for good.
     """
+    import logging
     import os
     import signal
     import threading
@@ -170,7 +171,15 @@ def _drain_before_stop(granian: Any, drain_timeout: float = 0.0) -> None:
         late.daemon = True
         late.start()
 
-    relay = relay_granian_signals(granian, drain_then_stop)
+    def refuse_reload(signum: int) -> None:
+        # Granian's reload starts the new worker before it stops the old one, and each worker owns
+        # an engine: two engines at once, which a GPU sized for one cannot hold
+        logging.getLogger(__name__).warning(
+            "signal %d (SIGHUP) ignored: a node does not reload in place, as its new worker would load a "
+            "second engine beside the first; restart the node instead (SIGTERM drains it)", signum
+        )
+
+    relay = relay_granian_signals(granian, drain_then_stop, refuse_reload)
     signal.signal(DRAINED_SIGNAL, relay.relayed(lambda _: stop()))
     # Ignored and blocked here, and so in the worker (fork, and exec, keep both) until its app takes the
     # signal over: one sent to a worker still starting then waits for it, pending. By default it killed

@@ -3,6 +3,7 @@ outlive the one above them, whatever stops it, and a SIGTERM at any point of the
 stop. An engine left behind would hold its GPU memory and transfer port; a worker left behind goes on
 serving with nothing to stop it.
 
+- SIGHUP the supervisor: ignored, with a warning (Granian's reload would start a second engine).
 - SIGKILL the worker: the engine stops (it watches its parent), the supervisor exits 1.
 - SIGKILL the supervisor: the worker aborts what is in flight and stops, and its engine with it.
 - SIGTERM while the worker or the engine starts, with --drain-timeout: exit 0, nothing left (the drain
@@ -55,6 +56,12 @@ def test_a_killed_api_process_takes_its_engine_with_it() -> None:
         engine = _engine_pid(node)
         worker = parent_pid(engine)
         assert parent_pid(worker) == node.pid
+        # first a SIGHUP: Granian would reload, starting a second worker and engine beside these
+        processes = sorted(_session(node.pid))
+        os.kill(node.pid, signal.SIGHUP)
+        wait_until(lambda: "(SIGHUP) ignored" in node.log_text(), GONE_TIMEOUT_S, "the SIGHUP warning")
+        assert _engine_pid(node) == engine and parent_pid(engine) == worker
+        assert sorted(_session(node.pid)) == processes
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: not pid_alive(engine), GONE_TIMEOUT_S, "the engine stops once its API process is gone")
         assert node.popen.wait(GONE_TIMEOUT_S) == 1  # Granian: an unexpected worker exit
