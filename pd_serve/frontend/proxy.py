@@ -252,13 +252,13 @@ class Relay:
             raise
         if isinstance(outcome, Opened):
             return outcome
+        status, body, detail = outcome
+        if p is not None and _error_code(body) == "prefill_unreachable":
+            return self._transfer_failure(p, status, body)  # D named the culprit: no need to wait for P
         if p is not None and p_task is not None:
             await asyncio.wait({p_task}, timeout=PREFILL_SETTLE_S)
             if p_task.done() and not p_task.result().ok:
                 return self._prefill_failure(p_task.result(), p.node_id)
-        status, body, detail = outcome
-        if p is not None and _error_code(body) == "prefill_unreachable":
-            return self._transfer_failure(p, status, body)
         return self._decode_failure(d, status, body, detail)
 
     async def _open_decode(self, d: Node, path: str, payload: bytes) -> Opened | tuple[int, bytes, str]:
