@@ -44,6 +44,7 @@ import httpx
 from pd_serve.frontend.upstream import NodePool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procfs import stat_fields  # noqa: E402
 from serving_cluster import LocalCluster  # noqa: E402
 
 
@@ -122,14 +123,9 @@ def _cpu_seconds(root: int) -> float:
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            parents[int(entry.name)] = int(fields[1])
-            times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    for pid, fields in stat_fields():
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / tick
     total, todo = 0.0, [root]
     while todo:
         pid = todo.pop()

@@ -24,21 +24,15 @@ from server_helpers import NodeProcess, parent_pid, pid_alive, sse_events, wait_
 
 from pd_serve.bootstrap.process import ChildProcess, free_port
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from procfs import stat_fields  # noqa: E402
+
 GONE_TIMEOUT_S = 30.0
 
 
 def _session(sid: int) -> list[int]:
     """The live processes of a session (a ChildProcess starts one): orphans keep it when reparented."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid, fields in stat_fields() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def _engine_pid(node: NodeProcess) -> int:
