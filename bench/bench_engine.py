@@ -6,6 +6,7 @@ output tokens each request asked for. Prints JSON with output tokens/s of each a
 
     python bench/bench_engine.py                 # 256 requests, the demo model
     python bench/bench_engine.py --num-requests 64 --skip-transformers
+    python bench/bench_engine.py --model smollm2 --num-requests 32 --max-total-tokens 32768
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import Item, sharegpt_like  # noqa: E402
 
 from pd_serve import LLM, SamplingParams  # noqa: E402
-from pd_serve.model.demo import resolve_model_path  # noqa: E402
+from pd_serve.model.source import resolve_model_path  # noqa: E402
 
 
 def run_engine(model: str, items: list[Item], options: dict[str, object]) -> dict[str, float]:
@@ -35,7 +36,7 @@ def run_engine(model: str, items: list[Item], options: dict[str, object]) -> dic
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == sum(it.output_len for it in items), "engine produced a wrong number of tokens"
     return {"seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
-            "preemptions": llm.engine.stats().num_preemptions}
+            "ms_per_output_token": 1000 * elapsed / tokens, "preemptions": llm.engine.stats().num_preemptions}
 
 
 def run_transformers(model_dir: Path, items: list[Item], batch_size: int) -> dict[str, float]:
@@ -59,30 +60,33 @@ def run_transformers(model_dir: Path, items: list[Item], batch_size: int) -> dic
                         do_sample=False, pad_token_id=pad)
         useful += sum(it.output_len for it in batch)
     elapsed = time.perf_counter() - t0
-    return {"seconds": elapsed, "output_tokens": useful, "output_tokens_per_s": useful / elapsed}
+    return {"seconds": elapsed, "output_tokens": useful, "output_tokens_per_s": useful / elapsed,
+            "ms_per_output_token": 1000 * elapsed / useful}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="demo")
+    ap.add_argument("--model", default="demo", help="demo, smollm2, a .gguf file or a model directory")
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--page-size", type=int, default=16, help="KV page size (the engine default, 16)")
+    ap.add_argument("--max-total-tokens", type=int, default=1 << 18,
+                    help="engine KV capacity (smollm2 in float32: 46 KB per token; 32768 is 1.5 GB)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = resolve_model_path(args.model)
+    model_dir = resolve_model_path(args.model, "float32")  # a GGUF as the engine loads it on the CPU
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
     items = sharegpt_like(args.num_requests, vocab, seed=args.seed)
     options = {"max_running_requests": args.max_running_requests, "chunked_prefill_size": args.chunked_prefill_size,
-               "max_total_tokens": 1 << 18, "page_size": args.page_size}
+               "max_total_tokens": args.max_total_tokens, "page_size": args.page_size}
     result: dict[str, object] = {
         "model": args.model,
         "num_requests": len(items),

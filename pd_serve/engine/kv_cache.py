@@ -75,5 +75,10 @@ class KVCache:
     def capacity_tokens(self) -> int:
         return self.num_pages * self.page_size
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all K and V pools together."""
+        return sum(pool.numel() * pool.element_size() for pool in (*self.k_pools, *self.v_pools))
+
     def pools(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return list(zip(self.k_pools, self.v_pools))

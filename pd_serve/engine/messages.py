@@ -109,6 +109,9 @@ class EngineStats:
     kv_pages_received: int = 0  # decode node
     kv_pages_reused: int = 0  # decode node: prompt pages found in its own prefix cache, not transferred
     transfer: dict[str, int] = field(default_factory=dict)  # the transfer engine's counters (bytes, drops)
+    # per data plane this node offers: open connections, rooms succeeded and failed on it
+    transfer_planes: dict[str, dict[str, int]] = field(default_factory=dict)
+    transfer_peers: dict[str, str] = field(default_factory=dict)  # "to|from PEER" -> the plane it uses
     alive: bool = True
 
 

@@ -77,6 +77,7 @@ def run_engine(
     except Exception as exc:  # reported to the API process, which exits with the message
         out.send(m.encode(m.Reply("failed", {"error": f"{type(exc).__name__}: {exc}"})))
         raise
+    memory = core.memory()
     out.send(m.encode(m.Reply("ready", {
         "layout": core.kv.layout.to_dict(),
         "max_model_len": core.max_model_len,
@@ -85,10 +86,13 @@ def run_engine(
         "role": disagg.role if disagg else "colocated",
         "transfer_endpoint": core.transfer.endpoint if core.transfer is not None else None,
         "transfer_backend": disagg.transfer.backend if disagg else None,
+        "transfer_backends": core.transfer.backends if core.transfer is not None else [],
         "num_pages": core.kv.num_pages,
         "max_running_requests": config.max_running_requests,
+        "memory": memory,
     })))
-    log.info("engine ready: %d KV pages of %d tokens, %s", core.kv.num_pages, config.page_size,
+    log.info("engine ready: weights %s, KV pools %s (%d pages of %d tokens), %s",
+             mib(memory["weights_bytes"]), mib(memory["kv_cache_bytes"]), core.kv.num_pages, config.page_size,
              f"transfer endpoint {core.transfer.endpoint}" if core.transfer is not None else "no transfer")
     try:
         EngineLoop(core, inp, out, stop).run()
@@ -97,6 +101,10 @@ def run_engine(
     out.close()
     inp.close()
     ctx.term()
+
+
+def mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def stop_when_orphaned(api_pid: int, stop: dict[str, bool], grace_s: float = ORPHAN_GRACE_S) -> threading.Thread:

@@ -47,6 +47,7 @@ from pd_serve.frontend.cli import API_KEYS_ENV
 from pd_serve.frontend.config import POLICIES
 from pd_serve.http_common import CLUSTER_TOKEN_ENV, read_cluster_token
 from pd_serve.logs import add_log_arguments, setup_logging
+from pd_serve.model.source import check_model_source, default_served_name
 from pd_serve.signals import SignalRelay
 
 READY_POLL_S = 0.2
@@ -80,7 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the internal plane without a token (local debugging only; every child warns)",
     )
     g.add_argument(
-        "--transfer-backend", default=None, choices=("ucx", "tcp", "cma"), help="KV transfer backend"
+        "--transfer-backend",
+        default="auto",
+        choices=("auto", "cma", "ucx", "tcp"),
+        help="KV transfer backend of every node; auto: per peer, cma on one host, else ucx, else tcp",
     )
     g.add_argument(
         "--log-dir", default=None, help="where each child's log goes (default: a new temporary directory)"
@@ -111,6 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ARG",
         help="an extra argument for pd-serve bootstrap (repeat; e.g. --bootstrap-arg=--store=redis://127.0.0.1:6379/0)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name every node serves and clients send (default: from --model, e.g. smollm2)",
     )
     g.add_argument(
         "--restart",
@@ -238,7 +247,8 @@ class Cluster:
     def start(self) -> str:
         """Start every child and wait until the frontend is healthy; returns the frontend URL."""
         a = self.args
-        node_args = ["--host", "127.0.0.1", "--model", a.model, *engine_flags(a), *a.node_arg]
+        served = ["--served-model-name", a.served_model_name] if a.served_model_name else []
+        node_args = ["--host", "127.0.0.1", "--model", a.model, *served, *engine_flags(a), *a.node_arg]
         if a.colocated:
             node = self._start("colocated-0", "colocated", free_port(), node_args)
             self._wait([node])
@@ -367,6 +377,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.print_config:
         return cli_config.print_config(args)
+    try:
+        check_model_source(args.model)  # before any child starts: each would fail with the same message
+    except ValueError as exc:
+        print(f"pd-serve up: {exc}", file=sys.stderr)
+        return 2
     setup_logging("up", args.log_level, args.log_format)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pd-serve-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -382,10 +397,11 @@ def run(args: argparse.Namespace) -> int:
             "1 colocated node" if args.colocated else f"{args.num_prefill} prefill, {args.num_decode} decode"
         )
         auth = " -H \"Authorization: Bearer $YOUR_API_KEY\"" if args.api_key or args.api_key_file else ""
+        served = args.served_model_name or default_served_name(args.model)
         print(
             f"pd-serve up: ready at {url} ({layout}; logs in {log_dir})\n"
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
-            f'    -d \'{{"model": "{args.model}", "messages": [{{"role": "user", "content": "Hello"}}], '
+            f'    -d \'{{"model": "{served}", "messages": [{{"role": "user", "content": "Hello"}}], '
             f'"max_tokens": 32}}\'',
             flush=True,
         )

@@ -1,21 +1,21 @@
 """The built-in demo model: a small Llama in Hugging Face format, created deterministically on first use.
 
-`--model demo` resolves to a directory under the pd-serve cache (`$PD_SERVE_CACHE`, default
-`~/.cache/pd-serve`). The directory is built once, atomically (several processes may race to build
+`--model demo` resolves (source.py) to a directory under the pd-serve cache (`$PD_SERVE_CACHE`,
+default `~/.cache/pd-serve`). The directory is built once, atomically (several processes may race to build
 it), with a byte-level BPE tokenizer trained on text generated here and a chat template, so that
 `transformers.AutoModelForCausalLM.from_pretrained` loads it too. The weights are random (seeded).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-DEMO_NAME = "demo"
+from pd_serve.model.source import cache_root
+
 DEMO_VERSION = "v1"
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -43,17 +43,6 @@ _WORDS = {
     "object": ["the next token", "a page of keys", "its values", "the first token", "the prompt", "a batch of requests", "the room", "memory", "the answer", "a short story"],
     "tail": ["quickly", "on time", "over the network", "in one step", "without a copy", "after the prefill", "before the timeout", "in order"],
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PD_SERVE_CACHE", Path.home() / ".cache" / "pd-serve"))
-
-
-def resolve_model_path(model: str) -> Path:
-    """'demo' -> the demo directory (built if needed); anything else is a model directory path."""
-    if model == DEMO_NAME:
-        return ensure_demo_model()
-    return Path(model)
 
 
 def ensure_demo_model(root: Path | None = None) -> Path:

@@ -64,6 +64,12 @@ def load_model(
     return model.eval()
 
 
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's parameters and buffers hold (a tied embedding counted once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 @contextlib.contextmanager
 def _without_init() -> Iterator[None]:
     """Modules built on the meta device skip their random init: every weight is loaded over it, and on

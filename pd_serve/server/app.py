@@ -194,9 +194,12 @@ def _add_admin_routes(app: FastAPI, state: NodeState) -> None:
             "model_dir": state.info.get("model_dir"),
             "engine_pid": state.backend.engine_pid,
             "max_model_len": state.max_model_len,
+            "memory": state.info.get("memory"),  # weights_bytes, kv_cache_bytes
             "layout": state.info.get("layout"),
             "transfer_endpoint": state.info.get("transfer_endpoint"),
-            "transfer_backend": state.info.get("transfer_backend"),
+            "transfer_backend": state.info.get("transfer_backend"),  # as configured: auto, cma, ucx or tcp
+            "transfer_backends": state.info.get("transfer_backends"),  # the planes it offers, best first
+            "transfer_peers": stats.transfer_peers,  # each open transfer connection and its plane
             "engine_config": asdict(state.engine_config),
             "server_config": state.config.public_dict(),
             "pages": {

@@ -59,7 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="engine requests accepted beyond --max-running-requests before answering 503",
     )
     g.add_argument("--profile-dir", default=None, help="default directory for /start_profile traces")
-    g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send and /v1/models lists (default: smollm2, demo, a GGUF's file stem "
+        "or the model directory's name)",
+    )
     g.add_argument(
         "--drain-timeout",
         type=float,
@@ -94,6 +99,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
 def run(args: argparse.Namespace) -> int:
     from pd_serve.bootstrap.cli import check_port_free
     from pd_serve.bootstrap.config import BootstrapConfigError
+    from pd_serve.model.source import check_model_source
 
     try:
         args = cli_config.resolve(args, ServerConfigError)
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         log = LogConfig(ROLE, args.log_level, args.log_format)
         if args.print_config:
             return cli_config.print_config(args)
+        check_model_source(engine.model)
         check_port_free(server.host, server.port)
     except (ConfigError, ServerConfigError, BootstrapConfigError, TypeError, ValueError) as exc:
         print(f"pd-serve {ROLE}: {cli_config.explain(exc, args)}", file=sys.stderr)

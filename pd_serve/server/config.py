@@ -35,7 +35,7 @@ class ServerConfig:
     max_request_bytes: int = 4 * 1024 * 1024
     max_queued_requests: int = 1024  # engine requests waiting beyond --max-running-requests
     profile_dir: str | None = None  # default directory for /start_profile traces
-    served_model_name: str | None = None  # None: the --model value
+    served_model_name: str | None = None  # None: from --model (source.default_served_name)
     log_level: str = "info"
     # on SIGTERM/SIGINT: seconds in-flight requests may run on (no new work taken) before the rest
     # is aborted; 0: abort at once

@@ -60,6 +60,11 @@ class NodeMetrics:
                               "the local prefix cache (decode), since start", ["kind"], registry=r)
         self.transfer_counters = Gauge("pd_node_transfer_engine", "The transfer engine's counters (bytes, "
                                        "dropped messages, failures)", ["counter"], registry=r)
+        self.plane_rooms = Gauge("pd_node_transfer_rooms_by_backend", "Rooms finished since start on each "
+                                 "data plane the handshakes chose (cma, ucx, tcp)", ["backend", "state"],
+                                 registry=r)
+        self.plane_connections = Gauge("pd_node_transfer_connections", "Open transfer control connections "
+                                       "by the data plane their handshake chose", ["backend"], registry=r)
         self.handoff = Histogram("pd_node_kv_handoff_seconds", "Decode node: arrival to first token committed "
                                  "(waiting for the prefill node and the KV transfer)", buckets=LATENCY_BUCKETS,
                                  registry=r)
@@ -91,6 +96,10 @@ class NodeMetrics:
         self.kv_pages.labels(kind="reused").set(stats.kv_pages_reused)
         for name, value in stats.transfer.items():
             self.transfer_counters.labels(counter=name).set(value)
+        for backend, counts in stats.transfer_planes.items():
+            self.plane_rooms.labels(backend=backend, state="succeeded").set(counts.get("rooms_succeeded", 0))
+            self.plane_rooms.labels(backend=backend, state="failed").set(counts.get("rooms_failed", 0))
+            self.plane_connections.labels(backend=backend).set(counts.get("connections", 0))
 
     def update_node(self, in_flight: int, open_streams: int) -> None:
         self.in_flight.set(in_flight)

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster-token-file", default=None,
                    help="file holding the cluster token: bootstrap auth, transfer handshakes and pd requests "
                         "(default: $PD_SERVE_CLUSTER_TOKEN, else none: the internal plane is open)")
-    g.add_argument("--transfer-backend", default=None, choices=("ucx", "tcp", "cma"), help="KV transfer backend (default: ucx where ucxx imports)")
+    g.add_argument("--transfer-backend", default="auto", choices=("auto", "cma", "ucx", "tcp"),
+                   help="KV transfer backend; auto: per peer, cma on one host, else ucx (where ucxx imports), else tcp")
     g.add_argument("--transfer-host", default=None, help="address the transfer endpoint binds and publishes (default: --host)")
     g.add_argument("--transfer-port", type=int, default=0, help="transfer endpoint port (0: any free port)")
     g.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a room may make no progress before it fails")
@@ -61,6 +62,7 @@ def disagg_config(role: str, args: argparse.Namespace, server: ServerConfig, tok
 def run(args: argparse.Namespace) -> int:
     from pd_serve.bootstrap.cli import check_port_free
     from pd_serve.bootstrap.config import BootstrapConfigError
+    from pd_serve.model.source import check_model_source
     from pd_serve.server.roles import Registration
     from pd_serve.transfer import TransferConfigError
 
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.print_config:
             return cli_config.print_config(args)
+        check_model_source(engine.model)
         check_port_free(server.host, server.port)
     except (ConfigError, ServerConfigError, BootstrapConfigError, TransferConfigError, OSError, TypeError, ValueError) as exc:
         print(f"pd-serve {role}: {cli_config.explain(exc, args)}", file=sys.stderr)

@@ -125,7 +125,9 @@ class NodeState:
 
     @property
     def model_name(self) -> str:
-        return self.config.served_model_name or self.engine_config.model
+        from pd_serve.model.source import default_served_name
+
+        return self.config.served_model_name or default_served_name(self.engine_config.model)
 
     @property
     def limits(self) -> EngineLimits:
@@ -144,9 +146,10 @@ class NodeState:
         return self.tokenization
 
     async def start(self) -> None:
-        from pd_serve.model.demo import resolve_model_path
+        from pd_serve.model.source import resolve_model_path
 
-        model_dir = await asyncio.to_thread(resolve_model_path, self.engine_config.model)
+        e = self.engine_config
+        model_dir = await asyncio.to_thread(resolve_model_path, e.model, e.dtype, e.device, False)
         tok_task = asyncio.create_task(asyncio.to_thread(Tokenization.load, model_dir))
         try:
             self.info = await self.backend.start()
@@ -163,7 +166,10 @@ class NodeState:
         limit = self.engine_config.max_running_requests + self.config.max_queued_requests
         self.admission = Admission(limit)
         await self.backend.join()  # last: the frontend may send work as soon as it sees the node
-        log.info("node ready: %s, model %s, max_model_len %d", self.backend.role, self.model_name, self.max_model_len)
+        memory = self.info.get("memory") or {}
+        log.info("node ready: %s, model %s, max_model_len %d, weights %.1f MiB, KV pools %.1f MiB",
+                 self.backend.role, self.model_name, self.max_model_len,
+                 memory.get("weights_bytes", 0) / (1 << 20), memory.get("kv_cache_bytes", 0) / (1 << 20))
 
     async def drain(self, timeout: float = 0.0) -> None:
         """Refuse new requests; with `timeout` > 0 leave the registry and let what is in flight finish

@@ -1,4 +1,4 @@
-"""KV transfer between a prefill and a decode engine: room-keyed page moves over ucx, tcp or cma.
+"""KV transfer between a prefill and a decode engine: room-keyed page moves over cma, ucx or tcp.
 
 The transfer layer knows tensors, page ids and rooms, never requests. One `TransferEngine` per
 node owns the pools (per layer one K and one V tensor `[num_pages, page_size, num_kv_heads,
@@ -10,10 +10,12 @@ Call order
 ----------
 Both nodes, once::
 
-    te = TransferEngine(TransferConfig(backend="ucx"|"tcp"|"cma", host, port, timeouts, token),
+    te = TransferEngine(TransferConfig(backend="auto"|"cma"|"ucx"|"tcp", host, port, timeouts, token),
                         pools=[(k_pool, v_pool) for each layer], fingerprint=kv_layout)
-    te.start()                      # binds; raises if the backend cannot start
-    te.endpoint                     # "tcp://host:port": publish it in the bootstrap registry
+    te.start()                      # binds; raises if no backend can start
+    te.endpoint                     # "auto://host:port": publish it in the bootstrap registry
+    te.backends                     # the data planes it offers, best first, e.g. ["cma", "ucx", "tcp"]
+    te.peers(), te.plane_stats()    # each open connection's plane; connections and rooms per plane
     ...
     te.close()                      # at shutdown
 
@@ -52,9 +54,12 @@ no token on either end: no proofs; a token on one end only: refused); the layout
 checked per room; a second request for a room is refused; messages for unknown or finished rooms
 are dropped and counted (`te.stats()`).
 
-Backends (`TransferConfig.backend`): `tcp` (bytes on the control socket, any two hosts), `cma`
-(same host only: the receiver pulls pages with process_vm_readv, one copy), `ucx` (ucxx tag
-messages; settings and measured numbers in `ucx_plane.py`).
+Data planes: `tcp` (bytes on the control socket, any two hosts), `cma` (same host only: the
+receiver pulls pages with process_vm_readv, one copy), `ucx` (UCX tag messages; settings and measured
+numbers in `ucx_plane.py`). `TransferConfig.backend` forces one, or `auto` (the default) offers every
+plane that starts here and each connection's handshake picks the best both ends can use: cma on one
+host (if its probe read works), else ucx, else tcp (`handshake.py`). No plane polls: idle, the
+transfer thread sleeps in epoll.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pd_serve.transfer.connection import Connection
-from pd_serve.transfer.messages import Data
+from pd_serve.transfer.messages import Data, Hello, HelloReply
 from pd_serve.transfer.plane import DataPlane
 
 _IOV_MAX = 1024
@@ -92,19 +92,23 @@ class CmaPlane(DataPlane):
         super().__init__(config)
         self._probe = np.frombuffer(os.urandom(64), dtype=np.uint8).copy()
 
-    def hello_fields(self, conn: Connection | None) -> dict[str, Any]:
-        if conn is not None and not conn.outbound:
+    def hello_fields(self, conn: Connection, peer: Hello | None) -> dict[str, Any]:
+        if peer is not None:  # our reply: a buffer for the receiver to read back
             return {"probe": [self._probe.ctypes.data, self._probe.nbytes, zlib.crc32(self._probe.tobytes())]}
         return {}
 
-    async def on_hello(self, conn: Connection, peer: Any) -> str | None:
+    def refusal(self, peer: Hello | HelloReply) -> str | None:
         from pd_serve.transfer.node import host_id
 
-        if peer.host_id != host_id():
-            return f"cma needs both engines on one host; peer host {peer.host_id!r} is not {host_id()!r}"
+        here = host_id()
+        if peer.host_id != here:
+            return f"cma needs both engines on one host; peer host {str(peer.host_id)[:80]!r} is not {here!r}"
+        return None
+
+    async def on_hello(self, conn: Connection, peer: Hello | HelloReply) -> str | None:
         if not conn.outbound:
             return None
-        probe = peer.probe
+        probe = getattr(peer, "probe", None)
         if probe is None or len(probe) != 3 or probe[0] < 0 or not 0 < probe[1] <= PROBE_MAX_BYTES:
             return f"cma peer sent a malformed probe {str(probe)[:80]}"
         if not 0 < peer.pid < 2**31:

@@ -10,7 +10,8 @@ import enum
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-BACKENDS = ("ucx", "tcp", "cma")
+PLANES = ("cma", "ucx", "tcp")  # the data planes, in the order `auto` prefers them
+BACKENDS = ("auto", *PLANES)  # what --transfer-backend takes: auto, or one plane forced
 
 
 class TransferConfigError(ValueError):
@@ -23,19 +24,16 @@ def _require(cond: bool, name: str, message: str) -> None:
 
 
 def default_backend() -> str:
-    """`ucx` where `ucxx` imports, else `tcp`."""
-    try:
-        import ucxx  # noqa: F401
-    except ImportError:
-        return "tcp"
-    return "ucx"
+    """`auto`: per peer, the fastest plane both ends can use (handshake.py)."""
+    return "auto"
 
 
 @dataclass(frozen=True)
 class TransferConfig:
     """One node's transfer engine settings. Timeouts are seconds, per room state."""
 
-    backend: str = "tcp"  # ucx | tcp | cma (same-host process_vm_readv, TCP control)
+    # auto (per peer: cma on one host, else ucx, else tcp) | cma (same-host process_vm_readv) | ucx | tcp
+    backend: str = "auto"
     host: str = "127.0.0.1"  # address to bind and to publish in the endpoint
     port: int = 0  # 0: any free port
     bootstrap_timeout: float = 30.0  # Bootstrapping: until both sides know the room

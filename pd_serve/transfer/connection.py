@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pd_serve.transfer.messages import (
     FRAME_PREFIX,
@@ -22,6 +22,9 @@ from pd_serve.transfer.messages import (
     decode,
     encode,
 )
+
+if TYPE_CHECKING:
+    from pd_serve.transfer.plane import DataPlane
 
 Handler = Callable[["Connection", Message, int], Awaitable[None]]
 HEADER_CHUNK_BYTES = 1 << 20  # a large header is read in pieces of this size, as they arrive
@@ -44,6 +47,7 @@ class Connection:
         self.ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.hello: Any = None  # the peer's Hello / HelloReply, once the handshake is complete
         self.handshake: Any = None  # handshake state until then (handshake.py)
+        self.plane: DataPlane | None = None  # the data plane the handshake chose for this connection
         self.plane_state: Any = None  # data plane per-connection state (UCX endpoint, tag nonce)
         self.rooms: set[int] = set()
         self._write_lock = asyncio.Lock()

@@ -1,8 +1,9 @@
 """TransferEngine: one per node; owns the endpoint, the registered pools and the transfer thread.
 
-All network I/O runs on the engine's own thread and asyncio loop. The public methods are called
-from the scheduler thread; they validate, create the room handle and hand the work to the loop,
-and never wait on the network. See the package docstring for the call order.
+All network I/O runs on the engine's own thread and asyncio loop, which sleeps while nothing
+happens. The public methods are called from the scheduler thread; they validate, create the room
+handle and hand the work to the loop, and never wait on the network. See the package docstring for
+the call order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pd_serve.transfer.config import LayoutFingerprint, TransferConfig
 from pd_serve.transfer.handles import KVReceiver, KVSender
 from pd_serve.transfer.layout import PoolSet
 from pd_serve.transfer.node import Node
-from pd_serve.transfer.plane import make_plane
+from pd_serve.transfer.plane import start_planes
 from pd_serve.transfer.room import Destination, Room
 
 START_TIMEOUT_S = 60.0
@@ -32,7 +33,7 @@ class TransferEngine:
         self.config = config
         self.fingerprint = LayoutFingerprint.from_value(fingerprint)
         self.pools = PoolSet(list(pools), self.fingerprint)
-        if self.pools.device.type != "cpu" and config.backend != "ucx":
+        if self.pools.device.type != "cpu" and config.backend in ("tcp", "cma"):
             raise ValueError(
                 f"backend: {config.backend!r} moves host memory only; use ucx for {self.pools.device} pools"
             )
@@ -80,8 +81,7 @@ class TransferEngine:
             loop.close()
 
     async def _startup(self) -> None:
-        plane = make_plane(self.config, self.pools)
-        await plane.start()
+        planes = await start_planes(self.config, self.pools)
         lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.bind((self.config.host, self.config.port))
@@ -89,13 +89,12 @@ class TransferEngine:
         lsock.setblocking(False)
         self._lsock = lsock
         self._port = lsock.getsockname()[1]
-        self._node = Node(self.config, self.pools, plane)
+        self._node = Node(self.config, self.pools, planes)
         self._node.spawn(self._node.serve(lsock))
-        self._node.spawn(self._node.sweep())
 
     @property
     def endpoint(self) -> str:
-        """Address to publish in the bootstrap registry, e.g. `tcp://127.0.0.1:40123`."""
+        """Address to publish in the bootstrap registry, e.g. `auto://127.0.0.1:40123`."""
         if not self._port:
             raise RuntimeError("endpoint is known only after start()")
         return f"{self.config.backend}://{self.config.host}:{self._port}"
@@ -176,6 +175,31 @@ class TransferEngine:
         if self._node is None:
             raise RuntimeError("transfer engine is not running; call start() first")
         return getattr(self._node, name)
+
+    @property
+    def backends(self) -> list[str]:
+        """The data planes this engine offers, best first (known after start())."""
+        return list(self._node.planes) if self._node is not None else []
+
+    def peers(self) -> dict[str, str]:
+        """Open control connections ("to <endpoint>" / "from <address>") and the plane each uses."""
+        return dict(self._node.peer_backends) if self._node is not None else {}
+
+    def plane_stats(self) -> dict[str, dict[str, int]]:
+        """Per offered plane: open connections, rooms succeeded and failed on it since start."""
+        node = self._node
+        if node is None:
+            return {}
+        used = list(node.peer_backends.values())
+        rooms = dict(node.plane_rooms)
+        return {
+            name: {
+                "connections": used.count(name),
+                "rooms_succeeded": rooms.get((name, "succeeded"), 0),
+                "rooms_failed": rooms.get((name, "failed"), 0),
+            }
+            for name in node.planes
+        }
 
     def stats(self) -> dict[str, int]:
         """Counters (dropped_messages, failed_rooms, sent_bytes, ...) and the live room gauges

@@ -1,22 +1,29 @@
 """The control connection's handshake (a mixin of `Node`): both ends prove they hold the cluster
-token, and the token never crosses the wire.
+token, the token never crosses the wire, and they agree on the data plane of the connection.
 
 The receiver side connects (the initiator) to the sender side (the acceptor):
 
-    receiver -> sender  Hello(version, backend, auth, nonce_r, host_r, pid, plane fields)
-    sender -> receiver  HelloReply(ok, reason, host_s, pid, nonce_s, proof_s, plane fields)
-    receiver -> sender  HelloProof(proof_r)                                        (auth only)
+    receiver -> sender  Hello(version, offer_r, auth, nonce_r, host_r, pid, plane fields)
+    sender -> receiver  HelloReply(ok, reason, host_s, pid, nonce_s, proof_s, plane fields, offer_s)
+    receiver -> sender  HelloProof(choice, proof_r)         (choice None: gave up, with a reason)
 
-    proof_x = HMAC-SHA256(key=token, json([label_x, version, backend, nonce_r, nonce_s, host_r, host_s]))
+    offer_r  the planes the receiver runs, best first (`auto`: cma, ucx, tcp; forced: one)
+    offer_s  those of offer_r the sender runs and may use with this peer: cma only with the same
+             host id (hostname and boot id), ucx only with a well-formed worker address
+    choice   the first of offer_s whose set-up works on the receiver, the side that reads: cma's
+             probe read of a buffer of the sender's (ptrace permission), ucx's endpoint
+    proof_x = HMAC-SHA256(key=token, json([label_x, version, offer_r, offer_s, choice_x, nonce_r,
+              nonce_s, host_r, host_s]))   with choice_s = "" (the sender proves before the choice)
 
 One label per direction, so that a proof cannot be reflected back; 32 fresh random bytes of nonce
-from each side, so that a proof is good for one connection only. The receiver checks the sender's
-proof before it runs its plane hook (cma probe read, ucx endpoint) or shows its own; the sender
-takes no room message before the receiver's proof (`conn.hello` stays None until the handshake is
-complete on that side). The third message costs no round trip: the receiver's first RoomRequest
-follows it at once. Without a token on either end (`auth` False) there are no proofs and no third
-message; a token on one end only is refused. This module must never send or log the token,
-an expected proof, or any function of the token alone.
+from each side, so that a proof is good for one connection only; both offers and the choice inside
+the proofs, so that nobody between the two can steer the choice. The receiver checks the sender's
+proof before it runs any plane set-up or shows its own; the sender takes no room message before the
+third frame (`conn.hello` stays None until the handshake is complete on that side), and sets its
+plane up only then. The third frame costs no round trip: the receiver's first RoomRequest follows
+it at once. Without a token on either end (`auth` False) there are no nonce_s and no proofs; a
+token on one end only is refused. This module must never send or log the token, an expected
+proof, or any function of the token alone.
 """
 
 from __future__ import annotations
@@ -53,12 +60,17 @@ def valid_nonce(nonce: object) -> bool:
     return isinstance(nonce, str) and 32 <= len(nonce) <= 256  # 16 to 128 random bytes, hex
 
 
-def proof(token: str, prover: str, hello: Hello, sender_nonce: str, sender_host: str) -> str:
-    """The MAC `prover` ("sender" or "receiver") shows on the connection that `hello` opened."""
+def proof(
+    token: str, prover: str, hello: Hello, sender_nonce: str, sender_host: str, offer: list[str], choice: str
+) -> str:
+    """The MAC `prover` ("sender" or "receiver") shows on the connection that `hello` opened;
+    `offer`: the reply's backends; `choice`: the receiver's (the sender proves with "")."""
     fields = [
         _LABELS[prover],
         hello.version,
-        hello.backend,
+        hello.backends,
+        offer,
+        choice,
         hello.nonce,
         sender_nonce,
         hello.host_id,
@@ -68,11 +80,19 @@ def proof(token: str, prover: str, hello: Hello, sender_nonce: str, sender_host:
 
 
 def proof_matches(
-    token: str, prover: str, hello: Hello, sender_nonce: Any, sender_host: str, got: Any
+    token: str,
+    prover: str,
+    hello: Hello,
+    sender_nonce: Any,
+    sender_host: str,
+    offer: list[str],
+    choice: str,
+    got: Any,
 ) -> bool:
     if not (isinstance(got, str) and valid_nonce(sender_nonce)):
         return False
-    return hmac.compare_digest(proof(token, prover, hello, sender_nonce, sender_host).encode(), got.encode())
+    expected = proof(token, prover, hello, sender_nonce, sender_host, offer, choice)
+    return hmac.compare_digest(expected.encode(), got.encode())
 
 
 def token_mismatch(prover: str) -> str:
@@ -89,22 +109,35 @@ def token_setting_refusal(sender_has: bool, receiver_has: bool) -> str | None:
     )
 
 
+def quoted(names: list[str]) -> str:
+    """A peer's list of backend names, cut for a log line or a refusal."""
+    shown = ", ".join(repr(str(n)[:20]) for n in names[:5])
+    return f"[{shown}{', ...' if len(names) > 5 else ''}]"
+
+
 class Handshake:
     config: TransferConfig
-    plane: DataPlane
+    planes: dict[str, DataPlane]  # the planes this node offers, best first
     stats: Counter[str]
     host_id: str
 
+    def on_connected(self, conn: Connection, notes: list[str]) -> None:
+        """The handshake of `conn` is complete and `conn.plane` chosen; `notes`: planes tried first."""
+        raise NotImplementedError
+
     def greeting(self, conn: Connection) -> Hello:
         """The first frame of an outbound connection, kept on it to check the reply against."""
+        fields: dict[str, Any] = {}
+        for plane in self.planes.values():
+            fields.update(plane.hello_fields(conn, None))
         hello = Hello(
             PROTOCOL_VERSION,
-            self.plane.name,
+            list(self.planes),
             self.config.token is not None,
             new_nonce(),
             self.host_id,
             os.getpid(),
-            **self.plane.hello_fields(conn),
+            **fields,
         )
         conn.handshake = hello
         return hello
@@ -131,71 +164,121 @@ class Handshake:
 
     async def _on_hello(self, conn: Connection, msg: Hello) -> None:
         reason = self._hello_refusal(msg)
+        offer: list[str] = []
         if reason is None:
-            reason = await self.plane.on_hello(conn, msg)
+            offer, dropped = self._offer(msg)
+            if not offer:
+                reason = self._nothing_in_common(msg, dropped)
         if reason is not None:
             await self._refuse(conn, reason)
-        fields = self.plane.hello_fields(conn)
+        fields: dict[str, Any] = {}
+        for name in offer:
+            fields.update(self.planes[name].hello_fields(conn, msg))
         token = self.config.token
-        if token is None:
-            await conn.send(HelloReply(True, None, self.host_id, os.getpid(), **fields))
-            self._complete(conn, msg)
-            return
-        nonce = new_nonce()
-        conn.handshake = (msg, nonce)
-        mine = proof(token, "sender", msg, nonce, self.host_id)
-        await conn.send(HelloReply(True, None, self.host_id, os.getpid(), nonce, mine, **fields))
+        nonce = new_nonce() if token is not None else None
+        conn.handshake = (msg, nonce, offer)
+        mine = None if token is None else proof(token, "sender", msg, nonce or "", self.host_id, offer, "")
+        reply = HelloReply(True, None, self.host_id, os.getpid(), nonce, mine, backends=offer, **fields)
+        await conn.send(reply)
 
     def _hello_refusal(self, msg: Hello) -> str | None:
         if msg.version != PROTOCOL_VERSION:
             return f"protocol version {msg.version} is not {PROTOCOL_VERSION}"
-        if msg.backend != self.plane.name:
-            return f"backend {str(msg.backend)[:40]!r} differs from this engine's {self.plane.name!r}"
-        if not isinstance(msg.host_id, str) or not valid_nonce(msg.nonce):
-            return "malformed hello: host_id or nonce"
+        if not valid_nonce(msg.nonce):
+            return "malformed hello: nonce"
         return token_setting_refusal(self.config.token is not None, bool(msg.auth))
 
+    def _offer(self, msg: Hello) -> tuple[list[str], list[str]]:
+        """Our planes that the peer offers and that may serve it, best first; why the others may not."""
+        offer, dropped = [], []
+        for name, plane in self.planes.items():
+            if name in msg.backends:
+                why = plane.refusal(msg)
+                offer += [name] if why is None else []
+                dropped += [] if why is None else [f"{name}: {why}"]
+        return offer, dropped
+
+    def _nothing_in_common(self, msg: Hello, dropped: list[str]) -> str:
+        mine = ", ".join(self.planes)
+        reason = (
+            f"no transfer backend in common: the peer offers {quoted(msg.backends)}, this engine "
+            f"[{mine}] (--transfer-backend {self.config.backend})"
+        )
+        return reason + "".join(f"; {d}" for d in dropped)
+
     async def _on_proof(self, conn: Connection, msg: HelloProof) -> None:
-        hello, nonce = conn.handshake
-        if msg.proof is None:
+        hello, nonce, offer = conn.handshake
+        if msg.backend is None:
             reason = f"the receiver gave up the handshake: {str(msg.reason)[:300]!r}"
             log.warning(
                 "transfer control connection from %s closed during the handshake: %s", conn.peer, reason
             )
             raise ConnectionClosed(reason)
-        assert self.config.token is not None  # a pending handshake exists only with a token
-        if not proof_matches(self.config.token, "receiver", hello, nonce, self.host_id, msg.proof):
+        token = self.config.token
+        if token is not None and not proof_matches(
+            token, "receiver", hello, nonce, self.host_id, offer, msg.backend, msg.proof
+        ):
             await self._refuse(conn, token_mismatch("receiver"))
-        self._complete(conn, hello)
+        if msg.backend not in offer:
+            await self._refuse(conn, f"the receiver chose backend {msg.backend[:20]!r}, not one of {offer}")
+        plane = self.planes[msg.backend]
+        failure = await plane.on_hello(conn, hello)
+        if failure is not None:
+            await self._refuse(conn, failure)
+        self._complete(conn, hello, plane, [])
 
     # ---- receiver side (initiator) -------------------------------------------------------------
 
     async def _on_reply(self, conn: Connection, msg: HelloReply) -> None:
         hello: Hello = conn.handshake
         reason = self._reply_refusal(hello, msg)
+        plane: DataPlane | None = None
+        notes: list[str] = []
         if reason is None:
-            reason = await self.plane.on_hello(conn, msg)
-        if reason is not None:
-            await self._refuse(conn, reason)
-        if self.config.token is not None:
-            await conn.send(
-                HelloProof(proof(self.config.token, "receiver", hello, msg.nonce or "", msg.host_id))
-            )
-        self._complete(conn, msg)
+            plane, notes = await self._choose(conn, msg)
+            if plane is None:
+                reason = "no transfer backend works with this peer: " + "; ".join(notes)
+        if reason is not None or plane is None:
+            await self._refuse(conn, reason or "no transfer backend")
+        token, offer, choice = self.config.token, msg.backends or [], plane.name
+        mine = None
+        if token is not None:
+            mine = proof(token, "receiver", hello, msg.nonce or "", msg.host_id, offer, choice)
+        await conn.send(HelloProof(choice, mine))
+        self._complete(conn, msg, plane, notes)
 
     def _reply_refusal(self, hello: Hello, msg: HelloReply) -> str | None:
         token = self.config.token
         if token is None:
             return token_setting_refusal(msg.proof is not None, False)
-        if not proof_matches(token, "sender", hello, msg.nonce, str(msg.host_id), msg.proof):
+        offer = msg.backends or []
+        if not proof_matches(token, "sender", hello, msg.nonce, str(msg.host_id), offer, "", msg.proof):
             return token_mismatch("sender")
         return None
 
+    async def _choose(self, conn: Connection, msg: HelloReply) -> tuple[DataPlane | None, list[str]]:
+        """The first plane of the reply's offer that sets up here; why each one before it did not."""
+        offer = msg.backends or []
+        if not offer or any(name not in self.planes for name in offer):
+            return None, [f"the peer answered backends {quoted(offer)} to our [{', '.join(self.planes)}]"]
+        notes: list[str] = []
+        for name in offer:
+            plane = self.planes[name]
+            why = plane.refusal(msg) or await plane.on_hello(conn, msg)
+            if why is None:
+                return plane, notes
+            plane.close_connection(conn)
+            notes.append(f"{name}: {why}")
+        return None, notes
+
     # ---- both ----------------------------------------------------------------------------------
 
-    def _complete(self, conn: Connection, peer_hello: Hello | HelloReply) -> None:
-        conn.hello, conn.handshake = peer_hello, None
+    def _complete(
+        self, conn: Connection, peer_hello: Hello | HelloReply, plane: DataPlane, notes: list[str]
+    ) -> None:
+        conn.hello, conn.handshake, conn.plane = peer_hello, None, plane
         conn.ready.set_result(True)
+        self.on_connected(conn, notes)
 
     async def _refuse(self, conn: Connection, reason: str) -> NoReturn:
         """Count, log once, tell the peer why (when it waits for an answer), close."""
@@ -204,14 +287,9 @@ class Handshake:
         self.stats["refused_connections"] += 1
         side = f"to {conn.peer}" if conn.outbound else f"from {conn.peer}"
         log.warning("transfer control connection %s refused: %s", side, reason)
-        answer: HelloReply | HelloProof | None = HelloReply(False, reason, self.host_id, os.getpid())
-        if conn.outbound:  # the sender waits for a third message only when both sides hold a token
-            answer = (
-                HelloProof(None, reason)
-                if isinstance(conn.handshake, Hello) and conn.handshake.auth
-                else None
-            )
-        if answer is not None:
-            with contextlib.suppress(OSError, ConnectionClosed):
-                await conn.send(answer)
+        answer: HelloReply | HelloProof = HelloReply(False, reason, self.host_id, os.getpid())
+        if conn.outbound:  # the sender waits for the third frame: the choice, here none
+            answer = HelloProof(None, None, reason)
+        with contextlib.suppress(OSError, ConnectionClosed):
+            await conn.send(answer)
         raise ConnectionClosed(reason if conn.outbound else f"refused {conn.peer}: {reason}")

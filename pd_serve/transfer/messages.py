@@ -15,7 +15,9 @@ from typing import Any, ClassVar, Union
 
 import orjson
 
-PROTOCOL_VERSION = 2  # 2: token proven by HMAC challenge-response, never sent (handshake.py)
+# 2: token proven by HMAC challenge-response, never sent (handshake.py); 3: the data plane is
+# negotiated per connection (Hello.backends, HelloReply.backends, HelloProof.backend)
+PROTOCOL_VERSION = 3
 FRAME_PREFIX = struct.Struct("<IQ")  # header length, payload length
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_HANDSHAKE_HEADER_BYTES = 64 * 1024  # before the handshake: a Hello is under 2 KiB
@@ -32,17 +34,18 @@ class Hello:
 
     kind: ClassVar[str] = "hello"
     version: int
-    backend: str
+    backends: list[str]  # the data planes this side offers, best first
     auth: bool  # this side holds a cluster token and will prove it
     nonce: str  # hex, fresh per connection
     host_id: str
     pid: int
-    ucx_address: str | None = None  # hex of the UCX worker address (ucx backend)
+    ucx_address: str | None = None  # "<tag nonce>:<UCX worker address>", hex (when ucx is offered)
 
 
 @dataclass(frozen=True)
 class HelloReply:
-    """Sender side -> receiver side: accepted (with the sender's proof when auth) or refused."""
+    """Sender side -> receiver side: accepted (with the sender's proof when auth, and the planes both
+    sides can use for this connection, best first) or refused."""
 
     kind: ClassVar[str] = "hello_reply"
     ok: bool
@@ -53,14 +56,17 @@ class HelloReply:
     proof: str | None = None  # the sender's HMAC (auth only)
     ucx_address: str | None = None
     probe: list[int] | None = None  # cma: [address, length, checksum] of a buffer to read back
+    backends: list[str] | None = None  # of the Hello's, those this side can use with that peer
 
 
 @dataclass(frozen=True)
 class HelloProof:
-    """Receiver side -> sender side, auth only: the receiver's HMAC, or None and why it gave up."""
+    """Receiver side -> sender side, last frame of the handshake: the plane the receiver chose (from
+    HelloReply.backends) and its HMAC when auth; or no plane, and why it gave up."""
 
     kind: ClassVar[str] = "hello_proof"
-    proof: str | None
+    backend: str | None
+    proof: str | None = None
     reason: str | None = None
 
 

@@ -2,8 +2,9 @@
 
 Everything here runs on the transfer engine's own event loop thread and nowhere else; the
 scheduler thread reaches it only through `loop.call_soon_threadsafe`. Sender-side operations live
-in `sending.py`, the handshake in `handshake.py`; this module owns connections, the receive path
-and timeouts.
+in `sending.py`, the handshake (and the choice of each connection's data plane) in `handshake.py`;
+this module owns connections, the receive path and timeouts. Idle, it wakes for nothing: the
+timeout sweep runs only while a room or an early room request exists.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from pd_serve.transfer.messages import (
     Message,
     MessageError,
     RoomAbort,
-    RoomAccept,
     RoomRequest,
 )
 from pd_serve.transfer.plane import DataPlane
 from pd_serve.transfer.receiving import ReceivePath
-from pd_serve.transfer.room import Destination, Room
+from pd_serve.transfer.room import Room
 from pd_serve.transfer.sending import SendPath
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,14 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def _peer_key(conn: Connection) -> str:
+    return f"{'to' if conn.outbound else 'from'} {conn.peer}"
+
+
 class Node(SendPath, ReceivePath, Handshake):
-    def __init__(self, config: TransferConfig, pools: PoolSet, plane: DataPlane) -> None:
-        self.config, self.pools, self.plane = config, pools, plane
+    def __init__(self, config: TransferConfig, pools: PoolSet, planes: list[DataPlane]) -> None:
+        self.config, self.pools = config, pools
+        self.planes = {plane.name: plane for plane in planes}  # best first
         self.fingerprint: LayoutFingerprint = pools.fingerprint
         self.receivers: dict[int, Room] = {}
         self.senders: dict[int, Room] = {}
@@ -65,7 +70,10 @@ class Node(SendPath, ReceivePath, Handshake):
         self.outbound: set[Connection] = set()  # open outbound connections (self.conns: their tasks)
         self.stats: Counter[str] = Counter()
         self.host_id = host_id()
+        self.peer_backends: dict[str, str] = {}  # "to|from <peer>" -> the plane of that open connection
+        self.plane_rooms: Counter[tuple[str, str]] = Counter()  # (plane, "succeeded"|"failed") -> rooms
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -116,8 +124,17 @@ class Node(SendPath, ReceivePath, Handshake):
             self.outbound.discard(conn)
             self._on_conn_lost(conn, reason)
 
+    def on_connected(self, conn: Connection, notes: list[str]) -> None:
+        assert conn.plane is not None
+        name = conn.plane.name
+        self.peer_backends[_peer_key(conn)] = name
+        tried = f" (not usable: {'; '.join(notes)})" if notes else ""
+        log.info("transfer connection %s: backend %s%s", _peer_key(conn), name, tried)
+
     def _on_conn_lost(self, conn: Connection, reason: str) -> None:
-        self.plane.close_connection(conn)
+        for plane in self.planes.values():  # the chosen one, or any set up during the handshake
+            plane.close_connection(conn)
+        self.peer_backends.pop(_peer_key(conn), None)
         for room_id in list(conn.rooms):
             room = self.receivers.get(room_id) or self.senders.get(room_id)
             if room is not None and room.conn is conn:
@@ -138,9 +155,10 @@ class Node(SendPath, ReceivePath, Handshake):
 
     async def _open(self, endpoint: str) -> Connection:
         scheme, _, address = endpoint.partition("://")
-        if scheme != self.plane.name:
+        if scheme != "auto" and scheme not in self.planes:
             raise ConnectionError(
-                f"peer endpoint {endpoint!r} uses backend {scheme!r}, this engine uses {self.plane.name!r}"
+                f"peer endpoint {endpoint!r} uses backend {scheme!r}, this engine offers "
+                f"{', '.join(self.planes)} (--transfer-backend {self.config.backend})"
             )
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
@@ -180,72 +198,6 @@ class Node(SendPath, ReceivePath, Handshake):
             self._on_abort(conn, msg)
         else:
             await self.on_room_message(conn, msg, payload_len)
-
-    # ---- room handshake (sender side) ------------------------------------------------------
-
-    def _on_request(self, conn: Connection, msg: RoomRequest) -> None:
-        reason = self._request_refusal(msg)
-        if reason is not None:
-            self.stats["refused_rooms"] += 1
-            conn.send_soon(RoomAbort(msg.room, reason))
-            room = self.senders.get(msg.room)
-            if room is not None and room.destination is None:
-                self.fail(room, reason, notify=False)
-            elif room is None and msg.room not in self.pending:
-                self._remember_refusal(msg.room, reason)
-            return
-        room = self.senders.get(msg.room)
-        if room is None:
-            self.pending[msg.room] = (conn, msg, time.monotonic() + self.config.bootstrap_timeout)
-        else:
-            self.bind_sender(room, conn, msg)
-
-    def _request_refusal(self, msg: RoomRequest) -> str | None:
-        room = self.senders.get(msg.room)
-        if (
-            msg.room in self.pending
-            or msg.room in self.finished
-            or (room is not None and room.destination is not None)
-        ):
-            return f"duplicate room {msg.room}: a receiver already claimed it"
-        try:
-            theirs = LayoutFingerprint.from_value(msg.fingerprint)
-        except (ValueError, TypeError) as exc:
-            return f"bad fingerprint: {exc}"
-        mismatch = self.fingerprint.mismatch(theirs)
-        if mismatch is not None:
-            return mismatch
-        if any(p < 0 for p in msg.dst_page_ids):
-            return "dst_page_ids: negative page id"
-        if len(msg.dst_page_ids) > self.pools.num_pages:  # a prompt that fits here needs no more
-            return (
-                f"dst_page_ids: {len(msg.dst_page_ids)} pages, more than this sender's {self.pools.num_pages}"
-            )
-        needed = -(-msg.expected_tokens // self.fingerprint.page_size)
-        if msg.expected_tokens < 1 or needed > len(msg.dst_page_ids):
-            return f"dst_page_ids: {len(msg.dst_page_ids)} pages cannot hold expected_tokens={msg.expected_tokens}"
-        return None
-
-    def _remember_refusal(self, room_id: int, reason: str) -> None:
-        self.refused[room_id] = reason
-        while len(self.refused) > self.config.finished_rooms_kept:
-            self.refused.popitem(last=False)
-
-    def add_sender(self, room: Room) -> None:
-        if room.room in self.refused:
-            self.fail(room, self.refused.pop(room.room), notify=False)
-            return
-        self.senders[room.room] = room
-        pending = self.pending.pop(room.room, None)
-        if pending is not None:
-            self.bind_sender(room, pending[0], pending[1])
-
-    def bind_sender(self, room: Room, conn: Connection, msg: RoomRequest) -> None:
-        room.destination = Destination(list(msg.dst_page_ids), msg.expected_tokens, msg.prompt_hash)
-        room.conn = conn
-        conn.rooms.add(room.room)
-        room.advance(RoomState.WAITING_FOR_INPUT)
-        conn.send_soon(RoomAccept(room.room))
 
     def _on_abort(self, conn: Connection, msg: RoomAbort) -> None:
         room = (self.receivers if conn.outbound else self.senders).get(msg.room)
@@ -293,18 +245,37 @@ class Node(SendPath, ReceivePath, Handshake):
             del registry[room.room]
         if room.conn is not None:
             room.conn.rooms.discard(room.room)
+            if room.conn.plane is not None:
+                outcome = "succeeded" if room.state is RoomState.SUCCESS else "failed"
+                self.plane_rooms[(room.conn.plane.name, outcome)] += 1
         self.finished[room.room] = None
         while len(self.finished) > self.config.finished_rooms_kept:
             self.finished.popitem(last=False)
 
+    def _timeout_reason(self, room: Room) -> str:
+        """A receiver still without its connection blames the peer's endpoint, with the words of a
+        refused connection ("cannot connect to"): the decode node then faults the prefill node and
+        looks its record up again (a restarted one listens elsewhere; its old port may be taken by
+        a program that accepts and never answers, such as a UCX listener)."""
+        reason = room.timeout_reason()
+        if room.role == "receiver" and room.conn is None and room.state is RoomState.BOOTSTRAPPING:
+            return f"cannot connect to {room.extra.get('endpoint')}: no transfer handshake; the room {reason}"
+        return reason
+
+    def watch_timeouts(self) -> None:
+        """Start the sweep unless it runs: called whenever a room or an early room request is added."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = self.spawn(self.sweep())
+
     async def sweep(self) -> None:
-        """Fail every room whose state outlived its timeout; expire early requests."""
-        while True:
+        """Fail every room whose state outlived its timeout; expire early requests. Ends once
+        nothing is left to time out (watch_timeouts starts it again)."""
+        while self.receivers or self.senders or self.pending:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
             for room in [*self.receivers.values(), *self.senders.values()]:
                 if room.expired(now):
-                    reason = room.timeout_reason()
+                    reason = self._timeout_reason(room)
                     self.fail(room, reason, notify=True)
                     if room.inflight_writes and room.conn is not None:
                         # a payload stuck mid-read (a stopped peer) would keep the room Transferring
@@ -328,4 +299,5 @@ class Node(SendPath, ReceivePath, Handshake):
         for task in self.conns.values():
             if task.done() and not task.cancelled() and task.exception() is None:
                 task.result().close("engine closed")
-        await self.plane.close()
+        for plane in self.planes.values():
+            await plane.close()

@@ -27,14 +27,12 @@ from pd_serve.transfer.messages import (
     RoomAccept,
     RoomRequest,
 )
-from pd_serve.transfer.plane import DataPlane
 from pd_serve.transfer.room import Room
 
 
 class ReceivePath:
     config: TransferConfig
     pools: PoolSet
-    plane: DataPlane
     fingerprint: LayoutFingerprint
     receivers: dict[int, Room]
     stats: Counter[str]
@@ -57,10 +55,15 @@ class ReceivePath:
     def on_finish_ack(self, conn: Any, msg: FinishAck) -> None:
         raise NotImplementedError
 
+    def watch_timeouts(self) -> None:
+        raise NotImplementedError
+
     def add_receiver(self, room: Room, endpoint: str) -> None:
         assert room.destination is not None
         room.coverage = torch.zeros((self.pools.num_layers, len(room.destination.page_ids)), dtype=torch.bool)
+        room.extra["endpoint"] = endpoint
         self.receivers[room.room] = room
+        self.watch_timeouts()
         self.spawn(self._bootstrap(room, endpoint))
 
     async def _bootstrap(self, room: Room, endpoint: str) -> None:
@@ -87,15 +90,17 @@ class ReceivePath:
         if isinstance(msg, FinishAck) and not conn.outbound:
             self.on_finish_ack(conn, msg)
             return
+        plane = conn.plane
+        assert plane is not None  # chosen by the handshake, before any room message is taken
         if isinstance(msg, Data):  # checked before a byte is read or allocated for it, room or not
-            reason = self._data_refusal(msg) or self.plane.data_refusal(msg, payload_len)
+            reason = self._data_refusal(msg) or plane.data_refusal(msg, payload_len)
             if reason is not None:
                 raise MessageError(f"malformed data from {conn.peer}: {reason}")
         room = self.receivers.get(getattr(msg, "room", -1)) if conn.outbound else None
         if room is None or room.conn is not conn or not room.live:
             self.drop(msg)
             if isinstance(msg, Data):
-                await self.plane.discard(conn, msg, payload_len, self._part_bytes(msg))
+                await plane.discard(conn, msg, payload_len, self._part_bytes(msg))
             return
         if isinstance(msg, RoomAccept):
             room.advance(RoomState.WAITING_FOR_INPUT)
@@ -136,24 +141,26 @@ class ReceivePath:
         return None
 
     async def _on_data(self, conn: Connection, room: Room, msg: Data, payload_len: int) -> None:
+        plane = conn.plane
+        assert plane is not None
         reason = self._check_data(room, msg)
         if reason is not None:
             self.fail(room, reason, notify=True)
-            await self.plane.discard(conn, msg, payload_len, self._part_bytes(msg))
+            await plane.discard(conn, msg, payload_len, self._part_bytes(msg))
             return
         room.advance(RoomState.TRANSFERRING)
         layers = range(*msg.layers)
         pages = expand(msg.runs)
-        stage = msg.staged and self.plane.stages_receive
+        stage = msg.staged and plane.stages_receive
         if stage:
             views = [self.pools.staging(layers, len(pages))]
-        elif self.plane.needs_views:
+        elif plane.needs_views:
             views = self.pools.run_views(layers, [(r[0], r[1]) for r in msg.runs])
         else:
             views = []
         room.inflight_writes += 1
         try:
-            ok = await self.plane.receive(conn, msg, payload_len, views, lambda: room.live)
+            ok = await plane.receive(conn, msg, payload_len, views, lambda: room.live)
             if ok and stage and room.live:
                 await asyncio.to_thread(self.pools.scatter, views[0], layers, pages)
         finally:

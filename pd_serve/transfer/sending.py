@@ -1,6 +1,8 @@
-"""Sender-side operations of the loop (a mixin of `Node`): queue, gather and send KV, then Finish.
+"""Sender-side operations of the loop (a mixin of `Node`): take the receiver's room request, then
+queue, gather and send KV, then Finish.
 
-Operations of one room run strictly in the order the scheduler called them (each waits for the
+A room request is checked (layout, pages, duplicates) and held until the scheduler's sender for
+the room exists (`pending`, bounded by bootstrap_timeout). Operations of one room run strictly in the order the scheduler called them (each waits for the
 one before), so Finish always follows every Data of its room. Source pages are read until the
 room is Success or Failed; the engine keeps them allocated until then.
 """
@@ -8,23 +10,26 @@ room is Success or Failed; the engine keeps them allocated until then.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
-from pd_serve.transfer.config import RoomState, TransferConfig
-from pd_serve.transfer.connection import ConnectionClosed
+from pd_serve.transfer.config import LayoutFingerprint, RoomState, TransferConfig
+from pd_serve.transfer.connection import Connection, ConnectionClosed
 from pd_serve.transfer.layout import PoolSet, Run, coalesce, should_stage
-from pd_serve.transfer.messages import Data, Finish, FinishAck
-from pd_serve.transfer.plane import DataPlane
-from pd_serve.transfer.room import Room
+from pd_serve.transfer.messages import Data, Finish, FinishAck, RoomAbort, RoomAccept, RoomRequest
+from pd_serve.transfer.room import Destination, Room
 
 
 class SendPath:
     config: TransferConfig
     pools: PoolSet
-    plane: DataPlane
+    fingerprint: LayoutFingerprint
     senders: dict[int, Room]
+    pending: dict[int, tuple[Connection, RoomRequest, float]]
+    refused: OrderedDict[int, str]
+    finished: OrderedDict[int, None]
     stats: Counter[str]
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -38,6 +43,79 @@ class SendPath:
 
     def drop(self, msg: Any) -> None:
         raise NotImplementedError
+
+    def watch_timeouts(self) -> None:
+        raise NotImplementedError
+
+    # ---- the receiver's room request ------------------------------------------------------
+
+    def _on_request(self, conn: Connection, msg: RoomRequest) -> None:
+        reason = self._request_refusal(msg)
+        if reason is not None:
+            self.stats["refused_rooms"] += 1
+            conn.send_soon(RoomAbort(msg.room, reason))
+            room = self.senders.get(msg.room)
+            if room is not None and room.destination is None:
+                self.fail(room, reason, notify=False)
+            elif room is None and msg.room not in self.pending:
+                self._remember_refusal(msg.room, reason)
+            return
+        room = self.senders.get(msg.room)
+        if room is None:
+            self.pending[msg.room] = (conn, msg, time.monotonic() + self.config.bootstrap_timeout)
+            self.watch_timeouts()
+        else:
+            self.bind_sender(room, conn, msg)
+
+    def _request_refusal(self, msg: RoomRequest) -> str | None:
+        room = self.senders.get(msg.room)
+        if (
+            msg.room in self.pending
+            or msg.room in self.finished
+            or (room is not None and room.destination is not None)
+        ):
+            return f"duplicate room {msg.room}: a receiver already claimed it"
+        try:
+            theirs = LayoutFingerprint.from_value(msg.fingerprint)
+        except (ValueError, TypeError) as exc:
+            return f"bad fingerprint: {exc}"
+        mismatch = self.fingerprint.mismatch(theirs)
+        if mismatch is not None:
+            return mismatch
+        if any(p < 0 for p in msg.dst_page_ids):
+            return "dst_page_ids: negative page id"
+        if len(msg.dst_page_ids) > self.pools.num_pages:  # a prompt that fits here needs no more
+            return (
+                f"dst_page_ids: {len(msg.dst_page_ids)} pages, more than this sender's {self.pools.num_pages}"
+            )
+        needed = -(-msg.expected_tokens // self.fingerprint.page_size)
+        if msg.expected_tokens < 1 or needed > len(msg.dst_page_ids):
+            return f"dst_page_ids: {len(msg.dst_page_ids)} pages cannot hold expected_tokens={msg.expected_tokens}"
+        return None
+
+    def _remember_refusal(self, room_id: int, reason: str) -> None:
+        self.refused[room_id] = reason
+        while len(self.refused) > self.config.finished_rooms_kept:
+            self.refused.popitem(last=False)
+
+    def add_sender(self, room: Room) -> None:
+        if room.room in self.refused:
+            self.fail(room, self.refused.pop(room.room), notify=False)
+            return
+        self.senders[room.room] = room
+        self.watch_timeouts()
+        pending = self.pending.pop(room.room, None)
+        if pending is not None:
+            self.bind_sender(room, pending[0], pending[1])
+
+    def bind_sender(self, room: Room, conn: Connection, msg: RoomRequest) -> None:
+        room.destination = Destination(list(msg.dst_page_ids), msg.expected_tokens, msg.prompt_hash)
+        room.conn = conn
+        conn.rooms.add(room.room)
+        room.advance(RoomState.WAITING_FOR_INPUT)
+        conn.send_soon(RoomAccept(room.room))
+
+    # ---- KV and the completion ------------------------------------------------------------
 
     def queue(self, room: Room, op: Coroutine[Any, Any, None]) -> None:
         room.tail = self.spawn(self._after(room.tail, room, op))
@@ -62,10 +140,12 @@ class SendPath:
         self.queue(room, self._finish(room, first_token, logprobs))
 
     async def _send(self, room: Room, src_pages: list[int], layers: range, first_page: int) -> None:
-        assert room.destination is not None
+        assert room.destination is not None and room.conn is not None
+        plane = room.conn.plane
+        assert plane is not None  # a room is bound to a connection only after its handshake
         dst_pages = room.destination.page_ids[first_page : first_page + len(src_pages)]
         runs = coalesce(src_pages, dst_pages, self.pools.max_run_pages)
-        staged = self.plane.gathers and should_stage(runs, self.pools.page_bytes, self.config.min_run_bytes)
+        staged = plane.gathers and should_stage(runs, self.pools.page_bytes, self.config.min_run_bytes)
         room.advance(RoomState.TRANSFERRING)
         nbytes = len(layers) * 2 * len(src_pages) * self.pools.page_bytes
         header = Data(room.room, room.data_done, [layers.start, layers.stop], [], nbytes, staged)
@@ -80,7 +160,7 @@ class SendPath:
                 self.pools.release(staging)
         else:
             header.runs.extend([r.dst, r.pages] for r in runs)
-            if self.plane.needs_views:
+            if plane.needs_views:
                 await self._send_data(
                     room, header, self.pools.run_views(layers, [(r.src, r.pages) for r in runs])
                 )
@@ -93,8 +173,9 @@ class SendPath:
         self.stats["sent_bytes"] += nbytes
 
     async def _send_data(self, room: Room, header: Data, views: list[Any]) -> None:
-        if room.live:
-            await self.plane.send_data(room.conn, header, views)
+        conn = room.conn
+        if room.live and conn is not None and conn.plane is not None:
+            await conn.plane.send_data(conn, header, views)
 
     async def _finish(self, room: Room, first_token: int, logprobs: Any) -> None:
         room.advance(RoomState.TRANSFERRING)

@@ -42,7 +42,7 @@ REQUEST_TIMEOUT_S = 60.0  # a client's read timeout: more than this is a hang
 RESTART_TIMEOUT_S = 180.0
 NODE_TTL_S = 30.0  # longer than a bootstrap restart: records must survive it in Redis
 ARGS = [
-    "--num-prefill", "2", "--num-decode", "2", "--transfer-backend", "tcp",
+    "--model", "demo", "--num-prefill", "2", "--num-decode", "2", "--transfer-backend", "tcp",
     "--max-total-tokens", "2048", "--chunked-prefill-size", "128", "--max-running-requests", "16",
     *(f"--node-arg=--transfer-{name}-timeout={WAIT_TIMEOUT_S}" for name in ("bootstrap", "waiting")),
     f"--node-arg=--transfer-timeout={TRANSFER_TIMEOUT_S}",

@@ -32,7 +32,8 @@ def _stalling_peer(listener: socket.socket, closed: threading.Event) -> None:
     conn, _ = listener.accept()
     conn.settimeout(30)
     read_frame(conn)  # Hello
-    conn.sendall(encode(HelloReply(True, None, host_id(), 1)))
+    conn.sendall(encode(HelloReply(True, None, host_id(), 1, backends=["tcp"])))
+    read_frame(conn)  # HelloProof: the receiver's choice, tcp
     request = read_frame(conn)
     room = request.room  # type: ignore[attr-defined]
     conn.sendall(encode(RoomAccept(room)))

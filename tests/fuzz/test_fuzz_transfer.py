@@ -1,7 +1,8 @@
 """Fuzzing the KV-transfer control port of a prefill engine, over real loopback sockets.
 
-Targets: `transfer_peer.py` processes (a prefill-side TransferEngine each) for the backends tcp, cma
-and ucx with a cluster token, and tcp without one (there, every peer passes the handshake). Hostile
+Targets: `transfer_peer.py` processes (a prefill-side TransferEngine each) for the backends tcp, cma,
+ucx and auto (which raw peers reach over tcp) with a cluster token, and tcp without one (there,
+every peer passes the handshake). Hostile
 peers send generated and hand-written control frames before and after the handshake: every message
 kind with plausible or hostile fields (ints past 64 bits, NaN, wrong types, huge lists, missing and
 unknown fields), broken framing (lying lengths, garbage headers, truncated frames), messages out of
@@ -70,6 +71,7 @@ TARGETS = {  # id: (backend, token, file descriptor limit)
     "tcp-open": ("tcp", None, 256),
     "cma": ("cma", TOKEN, None),
     "ucx": ("ucx", TOKEN, None),
+    "auto": ("auto", TOKEN, None),
 }
 MEMORY_GROWTH_KB = 256 * 1024  # peak resident growth allowed over the whole fuzzing of one target
 
@@ -185,11 +187,13 @@ def _out_of_order(target: Target) -> dict[str, tuple[bool, list[bytes]]]:
     return {
         "request-before-hello": (False, [message_frame(_request(7))]),
         "data-before-hello": (False, [message_frame(_data(7), b"\x00" * 3072)]),
-        "proof-without-hello": (False, [message_frame(HelloProof("0" * 64))]),
+        "proof-without-hello": (False, [message_frame(HelloProof("tcp", "0" * 64))]),
         "reply-from-a-receiver": (False, [message_frame(HelloReply(True, None, "h", 1))]),
         "request-between-hello-and-proof": (False, [hello, message_frame(_request(7))]),
         "second-hello": (True, [hello]),
-        "second-proof": (True, [message_frame(HelloProof("0" * 64))]),
+        "second-proof": (True, [message_frame(HelloProof("tcp", "0" * 64))]),
+        "choice-not-offered": (False, [hello, message_frame(HelloProof("rdma", "0" * 64))]),
+        "no-choice": (False, [hello, message_frame(HelloProof(None, None, "x" * 10000))]),
         "data-unknown-room": (True, [message_frame(_data(7), b"\x00" * 3072)]),
         "data-on-the-sender-side": (
             True,
@@ -333,7 +337,7 @@ def test_hostile_sender_frames_to_a_receiving_target(
         st.lists(
             st.one_of(
                 hostile_frame(ROOM_KINDS, room),
-                near_data(target.backend, room, dst),
+                near_data(target.plane, room, dst),
                 st.just(message_frame(Finish(room, 1, None, 1, 3 * 2 * 3 * PAGE_BYTES))),
             ),
             min_size=1,

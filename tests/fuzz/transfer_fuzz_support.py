@@ -100,6 +100,11 @@ class Target:
         self.receiver: TransferEngine | None = None  # the legitimate receiver, in this process
         self.baseline: dict[str, Any] = {}  # stats() once the first legitimate room is done
 
+    @property
+    def plane(self) -> str:
+        """The data plane raw peers speak with this target (an `auto` target takes tcp from them)."""
+        return "tcp" if self.backend == "auto" else self.backend
+
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -220,9 +225,9 @@ def ucx_address_field() -> str:
 
 def hello_for(target: Target) -> Hello:
     """The Hello a legitimate receiver of this target would send."""
-    ucx = ucx_address_field() if target.backend == "ucx" else None
+    ucx = ucx_address_field() if target.plane == "ucx" else None
     return Hello(
-        PROTOCOL_VERSION, target.backend, target.token is not None, new_nonce(), host_id(), os.getpid(), ucx
+        PROTOCOL_VERSION, [target.plane], target.token is not None, new_nonce(), host_id(), os.getpid(), ucx
     )
 
 
@@ -244,15 +249,18 @@ class RawPeer:
         return hello_for(self.target)
 
     def handshake(self) -> HelloReply:
-        """Pass the handshake as a legitimate receiver would (with the token when the target has one)."""
+        """Pass the handshake as a legitimate receiver would (with the token when the target has one):
+        the target's reply offers our one plane, and we choose it."""
         hello = self.hello()
         self.send(message_frame(hello))
         reply = self.read_message()
-        assert isinstance(reply, HelloReply) and reply.ok, reply
+        assert isinstance(reply, HelloReply) and reply.ok and reply.backends == [self.target.plane], reply
+        mine = None
         if self.target.token is not None:
             assert reply.nonce is not None
-            mine = proof(self.target.token, "receiver", hello, reply.nonce, reply.host_id)
-            self.send(message_frame(HelloProof(mine)))
+            offer, plane = reply.backends, self.target.plane
+            mine = proof(self.target.token, "receiver", hello, reply.nonce, reply.host_id, offer, plane)
+        self.send(message_frame(HelloProof(self.target.plane, mine)))
         return reply
 
     def send(self, data: bytes) -> bool:
@@ -339,7 +347,11 @@ pair = st.lists(st.one_of(small_int, edge_int), min_size=2, max_size=2)
 PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "room": st.one_of(st.integers(0, 5), edge_int),
     "version": st.sampled_from([PROTOCOL_VERSION, 1, 3, 2.0]),
-    "backend": st.sampled_from(["tcp", "cma", "ucx", "", "TCP"]),
+    "backends": st.one_of(
+        st.lists(st.sampled_from(["tcp", "cma", "ucx", "auto", "", "TCP"]), max_size=4),
+        st.just(["tcp"] * 1000),
+    ),
+    "backend": st.one_of(st.none(), st.sampled_from(["tcp", "cma", "ucx", "auto", "", "TCP"])),
     "auth": st.booleans(),
     "nonce": st.one_of(st.just(new_nonce()), st.text(max_size=80), st.just("0" * 256), st.just("0" * 257)),
     "host_id": st.one_of(st.just(host_id()), st.text(max_size=20)),
@@ -478,7 +490,7 @@ class FakeSender:
         self.target = target
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(READ_TIMEOUT_S)
-        self.endpoint = f"{target.backend}://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.endpoint = f"{target.plane}://127.0.0.1:{self.listener.getsockname()[1]}"
         self._probe = np.frombuffer(os.urandom(64), dtype=np.uint8).copy()
         self._probe_field = [self._probe.ctypes.data, self._probe.nbytes, zlib.crc32(self._probe.tobytes())]
 
@@ -495,15 +507,17 @@ class FakeSender:
         assert isinstance(hello, Hello), hello
         nonce = new_nonce()
         token = self.target.token
-        mine = proof(token, "sender", hello, nonce, host_id()) if token is not None else None
-        probe = self._probe_field if self.target.backend == "cma" else None
+        plane = [self.target.plane]
+        mine = proof(token, "sender", hello, nonce, host_id(), plane, "") if token is not None else None
+        probe = self._probe_field if self.target.plane == "cma" else None
+        ucx = ucx_address_field() if self.target.plane == "ucx" else None
         peer.send(
             message_frame(
-                HelloReply(True, None, host_id(), os.getpid(), nonce if token else None, mine, None, probe)
+                HelloReply(True, None, host_id(), os.getpid(), nonce if token else None, mine, ucx, probe, plane)
             )
         )
-        if token is not None:
-            assert isinstance(peer.read_message(), HelloProof)
+        choice = peer.read_message()
+        assert isinstance(choice, HelloProof) and choice.backend == self.target.plane, choice
         request = peer.read_message()
         assert request.kind == "room_request" and request.room == room, request  # type: ignore[union-attr]
         return conn

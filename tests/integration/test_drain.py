@@ -36,7 +36,7 @@ EXIT_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def nodes() -> Iterator[dict[str, Any]]:
     bootstrap = BootstrapProcess()
-    decode_args = ["--drain-timeout", "600", "--transfer-backend", "tcp", "--max-total-tokens", "4096"]
+    decode_args = ["--drain-timeout", "600", "--max-total-tokens", "4096"]
     started: dict[str, Any] = {"bootstrap": bootstrap}
     try:
         with ThreadPoolExecutor(2) as pool:

@@ -48,12 +48,12 @@ NODE_ARGS = [
     "5",
 ]
 UP_ARGS = [
+    "--model",
+    "demo",
     "--num-prefill",
     "2",
     "--num-decode",
     "2",
-    "--transfer-backend",
-    "tcp",
     *(f"--node-arg={a}" for a in NODE_ARGS),
     f"--bootstrap-arg=--node-ttl={NODE_TTL}",
     *(
@@ -71,7 +71,7 @@ class Cluster:
         try:
             # not registered: a node refuses to join a bootstrap whose peers it cannot pair with
             self.odd = RoleProcess(
-                "decode", None, [*NODE_ARGS, "--transfer-backend", "tcp", "--page-size", "32"], wait=False
+                "decode", None, [*NODE_ARGS, "--page-size", "32"], wait=False
             )
             self.others.append(self.odd)
             self.colocated = NodeProcess()

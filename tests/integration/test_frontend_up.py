@@ -38,7 +38,8 @@ PROMPTS = ("the scheduler moves pages", "a longer prompt " * 12)
 def both() -> Iterator[tuple[UpProcess, NodeProcess]]:
     """The cluster and the colocated node, started side by side (each waits on torch imports)."""
     cluster = UpProcess(
-        ["--num-prefill", "1", "--num-decode", "1", "--transfer-backend", "tcp", "--log-format", "json"], KEY
+        ["--model", "demo", "--num-prefill", "1", "--num-decode", "1", "--log-format", "json"],  # backend: auto
+        KEY,
     )
     try:
         node = NodeProcess()

@@ -37,8 +37,9 @@ def colocated():
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The tcp cluster most tests share; the last test of the module kills its nodes."""
-    c = Cluster([*NODE_ARGS, "--transfer-backend", "tcp"])
+    """The cluster most tests share, on the default backend (auto: cma, both nodes on this host);
+    the last test of the module kills its nodes."""
+    c = Cluster(NODE_ARGS)
     yield c
     c.stop()
 
@@ -70,8 +71,34 @@ def _stream_text(response_lines: list[str]) -> str:
     return text
 
 
+@pytest.mark.parametrize("backend", ["ucx", "tcp"])
+def test_greedy_outputs_equal_colocated_over_forced_backends(backend: str, colocated: NodeProcess) -> None:
+    """First in the module, before the shared cluster starts: its tests then run back to back, and
+    the decode node still holds the prefill node's record (cached for 30 s) when test_node_deaths needs it."""
+    c = Cluster([*NODE_ARGS, "--transfer-backend", backend])
+    try:
+        assert c.prefill.server_info()["transfer_backends"] == [backend]
+        _check_equal_outputs(c, colocated)
+        _check_backend(c, backend, backend)
+    finally:
+        c.stop()
+
+
 def test_greedy_outputs_equal_colocated(cluster: Cluster, colocated: NodeProcess) -> None:
     _check_equal_outputs(cluster, colocated)
+    _check_backend(cluster, "auto", "cma")
+
+
+def _check_backend(cluster: Cluster, configured: str, chosen: str) -> None:
+    """/server_info shows the backend as configured and the one each connection chose; /metrics counts
+    the rooms by the chosen one."""
+    for node in (cluster.prefill, cluster.decode):
+        info = node.server_info()
+        assert info["transfer_backend"] == configured and chosen in info["transfer_backends"], info
+        assert list(info["transfer_peers"].values()) == [chosen], info["transfer_peers"]
+        metrics = httpx.get(f"{node.url}/metrics", timeout=10.0).text
+        line = f'pd_node_transfer_rooms_by_backend{{backend="{chosen}",state="succeeded"}}'
+        assert any(m.startswith(line) and float(m.split()[-1]) > 0 for m in metrics.splitlines()), node.role
 
 
 def _check_equal_outputs(cluster: Cluster, colocated: NodeProcess) -> None:
@@ -176,16 +203,6 @@ def _kill(node: RoleProcess) -> None:
     node.popen.wait(timeout=10)
 
 
-@pytest.mark.parametrize("backend", ["ucx", "cma"])
-def test_greedy_outputs_equal_colocated_over_other_backends(backend: str, colocated: NodeProcess) -> None:
-    c = Cluster([*NODE_ARGS, "--transfer-backend", backend])
-    try:
-        assert c.prefill.server_info()["transfer_backend"] == backend
-        _check_equal_outputs(c, colocated)
-    finally:
-        c.stop()
-
-
 def test_node_deaths_fail_rooms_cleanly(cluster: Cluster) -> None:
     """Last in the module: it kills the shared cluster's nodes."""
     c = cluster
@@ -210,8 +227,7 @@ def test_node_deaths_fail_rooms_cleanly(cluster: Cluster) -> None:
     # the prefill node restarts under its node id, with a new transfer port; the decode node's cached
     # record still names the old port: the first request is refused as the prefill node's fault (the
     # code the frontend blames that node by), the next one looks the node up again and succeeds
-    c.prefill = RoleProcess("prefill", c.bootstrap.url, [*NODE_ARGS, "--transfer-backend", "tcp"],
-                            node_id=c.prefill.node_id)
+    c.prefill = RoleProcess("prefill", c.bootstrap.url, NODE_ARGS, node_id=c.prefill.node_id)
     c.children.append(c.prefill)
 
     async def restarted() -> None:

@@ -16,7 +16,7 @@ def test_a_node_is_ready_when_it_appears_in_the_registry() -> None:
     bootstrap = BootstrapProcess()
     node = None
     try:
-        node = RoleProcess("prefill", bootstrap.url, ["--transfer-backend", "tcp"], wait=False)
+        node = RoleProcess("prefill", bootstrap.url, [], wait=False)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and node.popen.poll() is None:
             listed = httpx.get(f"{bootstrap.url}/v1/nodes", timeout=10).json()["nodes"]

@@ -41,8 +41,7 @@ class SecureCluster:
         self.bootstrap = BootstrapProcess(args=["--node-ttl", "5", *secret])
         self.children: list[ChildProcess] = [self.bootstrap]
         try:
-            node_args = [*secret, "--transfer-backend", "tcp", "--transfer-bootstrap-timeout", str(WAIT_S),
-                         "--log-level", "info"]
+            node_args = [*secret, "--transfer-bootstrap-timeout", str(WAIT_S), "--log-level", "info"]
             self.prefill = RoleProcess("prefill", self.bootstrap.url, node_args, wait=False)
             self.children.append(self.prefill)
             self.decode = RoleProcess("decode", self.bootstrap.url, node_args, wait=False)

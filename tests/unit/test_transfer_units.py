@@ -153,19 +153,26 @@ def test_a_hello_of_another_protocol_version_says_so() -> None:
         decode(v1)
 
 
-def test_handshake_proofs_are_bound_to_direction_nonces_and_token() -> None:
-    hello = Hello(PROTOCOL_VERSION, "tcp", True, new_nonce(), "host-r", 1)
+def test_handshake_proofs_are_bound_to_direction_nonces_token_offers_and_choice() -> None:
+    hello = Hello(PROTOCOL_VERSION, ["cma", "tcp"], True, new_nonce(), "host-r", 1)
     nonce = new_nonce()
-    sender = proof("tok", "sender", hello, nonce, "host-s")
+    sender = proof("tok", "sender", hello, nonce, "host-s", ["cma", "tcp"], "")
     assert len(nonce) == 64 and nonce != new_nonce()
-    assert proof_matches("tok", "sender", hello, nonce, "host-s", sender)
-    assert not proof_matches("tok", "receiver", hello, nonce, "host-s", sender)  # no reflection
-    assert not proof_matches("tok", "sender", hello, new_nonce(), "host-s", sender)  # no replay
-    assert not proof_matches("tok", "sender", hello, nonce, "host-x", sender)
-    assert not proof_matches("tok2", "sender", hello, nonce, "host-s", sender)
-    assert not proof_matches("tok", "sender", hello, "short", "host-s", sender)
-    assert not proof_matches("tok", "sender", hello, nonce, "host-s", None)
-    assert not proof_matches("tok", "sender", hello, nonce, "host-s", "\u00e9" * 64)  # non-ascii: False
+    assert proof_matches("tok", "sender", hello, nonce, "host-s", ["cma", "tcp"], "", sender)
+    # no reflection, no replay
+    assert not proof_matches("tok", "receiver", hello, nonce, "host-s", ["cma", "tcp"], "", sender)
+    assert not proof_matches("tok", "sender", hello, new_nonce(), "host-s", ["cma", "tcp"], "", sender)
+    assert not proof_matches("tok", "sender", hello, nonce, "host-x", ["cma", "tcp"], "", sender)
+    assert not proof_matches("tok2", "sender", hello, nonce, "host-s", ["cma", "tcp"], "", sender)
+    assert not proof_matches("tok", "sender", hello, "short", "host-s", ["cma", "tcp"], "", sender)
+    assert not proof_matches("tok", "sender", hello, nonce, "host-s", ["cma", "tcp"], "", None)
+    assert not proof_matches("tok", "sender", hello, nonce, "host-s", ["cma", "tcp"], "", "\u00e9" * 64)
+    # nobody between the two may steer the choice: a changed offer, either way, or choice fails
+    assert not proof_matches("tok", "sender", hello, nonce, "host-s", ["tcp"], "", sender)
+    stripped = Hello(PROTOCOL_VERSION, ["tcp"], True, hello.nonce, "host-r", 1)
+    assert not proof_matches("tok", "sender", stripped, nonce, "host-s", ["cma", "tcp"], "", sender)
+    receiver = proof("tok", "receiver", hello, nonce, "host-s", ["cma", "tcp"], "cma")
+    assert not proof_matches("tok", "receiver", hello, nonce, "host-s", ["cma", "tcp"], "tcp", receiver)
     assert token_setting_refusal(True, True) is None and token_setting_refusal(False, False) is None
     assert "the sender side has none, the receiver side has a cluster token" in (
         token_setting_refusal(False, True) or ""
@@ -195,6 +202,7 @@ def test_failed_room_reports_transferring_while_a_write_is_in_flight() -> None:
 
 class _FakeConn:
     outbound, closed, peer = True, False, "fake"
+    plane: Any = None
 
     def __init__(self) -> None:
         self.discarded = 0
@@ -205,8 +213,9 @@ class _FakeConn:
 
 
 def test_message_for_unknown_room_is_dropped_and_counted() -> None:
-    node = Node(TransferConfig(), PoolSet(pools(), FP), TcpPlane(TransferConfig()))
+    node = Node(TransferConfig(), PoolSet(pools(), FP), [TcpPlane(TransferConfig())])
     conn: Any = _FakeConn()
+    conn.plane = node.planes["tcp"]
     data = Data(room=99, seq=0, layers=[0, 2], runs=[[0, 1]], nbytes=1024, staged=False)
     asyncio.run(node.on_room_message(conn, data, 1024))
     asyncio.run(node.on_room_message(conn, Finish(99, 1, None, 1, 1024), 0))
@@ -215,7 +224,7 @@ def test_message_for_unknown_room_is_dropped_and_counted() -> None:
 
 
 def test_request_refusals_name_the_reason() -> None:
-    node = Node(TransferConfig(), PoolSet(pools(), FP), TcpPlane(TransferConfig()))
+    node = Node(TransferConfig(), PoolSet(pools(), FP), [TcpPlane(TransferConfig())])
     good = RoomRequest(5, FP.to_dict(), [0, 1], 8, "h")
     assert node._request_refusal(good) is None
     assert "head_dim" in (
@@ -263,7 +272,8 @@ def test_handles_refuse_caller_mistakes() -> None:
         b'{"t": "data", "room": 1, "seq": 0, "layers": [0, "2"], "runs": [], "nbytes": 0, "staged": false}',
         b'{"t": "data", "room": 1, "seq": 0, "layers": [0, 2], "runs": [[0, 1.5]], "nbytes": 0, "staged": 0}',
         b'{"t": "room_request", "room": 1, "fingerprint": [], "dst_page_ids": "ab", "expected_tokens": 4, "prompt_hash": "h"}',
-        b'{"t": "hello", "version": 2, "backend": "ucx", "auth": true, "nonce": "00", "host_id": "h", "pid": 1, "ucx_address": 7}',
+        b'{"t": "hello", "version": 3, "backends": ["ucx"], "auth": true, "nonce": "00", "host_id": "h", "pid": 1, "ucx_address": 7}',
+        b'{"t": "hello", "version": 3, "backends": "tcp", "auth": true, "nonce": "00", "host_id": "h", "pid": 1}',
         b'{"t": "hello_reply", "ok": true, "reason": null, "host_id": "h", "pid": 1, "probe": [0, "x", 0]}',
         b'{"t": "finish", "room": 1, "first_token": "7", "first_token_logprobs": null, "data_messages": 0, "nbytes": 0}',
     ],
@@ -325,11 +335,13 @@ def test_a_large_header_before_the_handshake_is_refused_without_allocating_it() 
 
 
 def _node(backend: str = "tcp") -> Node:
-    from pd_serve.transfer.plane import make_plane
+    from pd_serve.transfer.plane import new_plane
 
     config = TransferConfig(backend=backend)
     ps = PoolSet(pools(), FP)
-    return Node(config, ps, make_plane(config, ps))
+    plane = new_plane(backend, config)
+    plane.pools = ps
+    return Node(config, ps, [plane])
 
 
 @pytest.mark.parametrize(
@@ -353,14 +365,14 @@ def test_malformed_data_closes_the_connection_before_anything_is_read(
     desynchronised the stream."""
     node = _node()
     conn: Any = _FakeConn()
-    conn.outbound, conn.hello = outbound, object()
+    conn.outbound, conn.hello, conn.plane = outbound, object(), node.planes["tcp"]
     with pytest.raises(MessageError, match=match):
         asyncio.run(node.handle(conn, msg, payload))
     assert conn.discarded == 0
 
 
 def test_plane_specific_data_checks() -> None:
-    cma, ucx = _node("cma").plane, None
+    cma = _node("cma").planes["cma"]
     good = Data(1, 0, [0, 2], [[0, 1]], 1024, False, src_base=[1, 2, 3, 4], src_starts=[0])
     assert cma.data_refusal(good, 0) is None
     assert "negative" in (cma.data_refusal(Data(**{**good.__dict__, "src_base": [-1, 2, 3, 4]}), 0) or "")
@@ -384,13 +396,14 @@ def test_a_ucx_hello_with_a_malformed_nonce_or_address_is_refused(address: str) 
     whose first byte names an unknown format (0x5a) made UCX abort the process at the first send."""
     from pd_serve.transfer.ucx_plane import UcxPlane
 
+    hello = Hello(PROTOCOL_VERSION, ["ucx"], True, new_nonce(), "h", 1, address)
+    assert "ucx peer sent a" in (UcxPlane(TransferConfig()).refusal(hello) or "")
+    ok = Hello(PROTOCOL_VERSION, ["ucx"], True, new_nonce(), "h", 1, "0000abcd:" + "20" * 64)
+    assert UcxPlane(TransferConfig()).refusal(ok) is None
     conn: Any = _FakeConn()
     conn.outbound, conn.plane_state = False, None
-    hello = Hello(PROTOCOL_VERSION, "ucx", True, new_nonce(), "h", 1, address)
-    assert "ucx peer sent a" in (asyncio.run(UcxPlane(TransferConfig()).on_hello(conn, hello)) or "")
-    assert conn.plane_state is None
-    ok = Hello(PROTOCOL_VERSION, "ucx", True, new_nonce(), "h", 1, "0000abcd:" + "20" * 64)
-    assert asyncio.run(UcxPlane(TransferConfig()).on_hello(conn, ok)) is None
+    assert asyncio.run(UcxPlane(TransferConfig()).on_hello(conn, ok)) is None  # noted, not unpacked
+    assert conn.plane_state.endpoint is None and conn.plane_state.nonce == 0xABCD
 
 
 @pytest.mark.parametrize("probe", [None, [0, 2**40, 0], [0, 0, 0], [-1, 64, 0], [0, 64]])
@@ -402,7 +415,7 @@ def test_a_cma_probe_is_bounded(probe: Any) -> None:
 
     conn: Any = _FakeConn()
     reply = HelloReply(True, None, host_id(), os.getpid(), probe=probe)
-    assert "malformed probe" in (asyncio.run(_node("cma").plane.on_hello(conn, reply)) or "")
+    assert "malformed probe" in (asyncio.run(_node("cma").planes["cma"].on_hello(conn, reply)) or "")
 
 
 def test_a_peer_abort_reason_is_truncated() -> None:
