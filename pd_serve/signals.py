@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -45,7 +46,8 @@ class SignalRelay:
 
         def handler(signum: int = 0, frame: FrameType | None = None) -> None:
             if os.getpid() != self._owner:  # a forked child (Granian's worker) keeps the handler, not the thread,
-                return  # and its byte would reach this process's callbacks
+                _as_by_default(signum)  # and its byte would reach this process's callbacks
+                return
             with contextlib.suppress(OSError):  # a full pipe (thousands unread) already wakes the thread
                 os.write(self._write, bytes([index, signum & 0xFF]))  # atomic: under PIPE_BUF
 
@@ -59,6 +61,16 @@ class SignalRelay:
                     self._callbacks[index](signum)
                 except Exception:  # one callback's failure must not stop the relay
                     log.exception("the handler of signal %d failed", signum)
+
+
+def _as_by_default(signum: int) -> None:
+    """In a forked child that still runs its parent's handler: SIGINT and SIGTERM stop it, as they
+    would have without the handler. Granian's supervisor stops a worker it has just forked with
+    SIGTERM; swallowed before the worker installs its own handlers, the worker started its engine
+    and served on while the supervisor waited for it forever."""
+    if signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def relay_granian_signals(

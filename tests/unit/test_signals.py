@@ -67,7 +67,7 @@ def test_granians_supervisor_handlers_are_relayed() -> None:
     while that Event's lock is held returns, and the Event is set once the lock is free."""
     code = """
 import time
-from pd_serve.http_common import granian_server
+from pd_serve.granian_server import granian_server
 from pd_serve.signals import relay_granian_signals
 granian = granian_server("x:app", "127.0.0.1", 0, "warning")
 relay_granian_signals(granian)
@@ -107,3 +107,27 @@ print(seen, flush=True)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.stdout.strip() == "[] [10]", done.stdout + done.stderr
+
+
+def test_a_forked_child_still_on_the_relay_stops_on_sigterm() -> None:
+    """The supervisor's SIGTERM to a worker it has just forked (a node stopped while it starts): the
+    worker still runs the inherited handler, which must stop it as SIGTERM does by default, not
+    swallow it (the worker then served on and the supervisor waited for it forever)."""
+    code = """
+import os, signal, sys, time
+from pd_serve.signals import SignalRelay
+relay = SignalRelay("test")
+signal.signal(signal.SIGTERM, relay.relayed(lambda _: None))
+ready, started = os.pipe()
+child = os.fork()
+if child == 0:
+    os.write(started, b"x")  # past the fork's own signal reset (a signal before it is lost anyway)
+    time.sleep(20)
+    os._exit(0)
+os.read(ready, 1)
+os.kill(child, signal.SIGTERM)
+_, status = os.waitpid(child, 0)
+print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str(-15), done.stdout + done.stderr
