@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from pd_serve.frontend.upstream import NodePool
+from pd_serve.frontend.node_pool import NodePool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procfs import stat_fields  # noqa: E402

@@ -4,12 +4,10 @@
 each service gives it its own refusal bodies, open paths and counting hook. The pieces it is built
 from (`bearer_ok`, `read_body`, `reply`, `StatusRecorder`) also serve the frontend's own router.
 Pure ASGI (no BaseHTTPMiddleware), so streams and long-polls are neither buffered nor detached from
-client disconnects. Tokens are compared in constant time and never appear in a response or a log.
-`error_body` is the OpenAI error shape that the node and the frontend answer with (bootstrap has its
-own `{"detail": str}`).
-The cluster token (one secret for the whole internal plane: bootstrap, transfer handshakes, the nodes'
-pd requests) is read by `read_cluster_token` from `--cluster-token-file` or $PD_SERVE_CLUSTER_TOKEN,
-and travels between services in the `X-PD-Cluster-Token` header (`token_ok`), never in argv.
+client disconnects. Tokens are compared in constant time (`token_ok`, `KeyRing`) and never appear in
+a response or a log.
+Beside it, each a concern of its own: `cluster_token` (reading the cluster token), `openai_errors`
+(the error shape the node and the frontend answer with) and `granian_server` (the launcher).
 This module must never import another pd_serve package: `bootstrap` depends on it.
 """
 
@@ -17,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-import os
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
@@ -30,24 +26,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = Sequence[tuple[bytes, bytes]]
 RequestCounter = Callable[[str, str, str], None]  # (method, route template or "unrouted", status)
 
-CLUSTER_TOKEN_ENV = "PD_SERVE_CLUSTER_TOKEN"
-CLUSTER_TOKEN_HEADER = "x-pd-cluster-token"
-CLUSTER_TOKEN_FLAG = "--cluster-token-file"
-# The per-purpose secrets of earlier versions: refused rather than ignored, since ignoring one would
-# silently run an internal plane without auth that its operator believes is protected.
-_RETIRED_TOKEN_ENVS = ("PD_SERVE_BOOTSTRAP_TOKEN", "PD_SERVE_TRANSFER_TOKEN")
 BEARER_CHALLENGE: Headers = ((b"www-authenticate", b"Bearer"),)
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    500: "internal_server_error",
-    503: "service_unavailable",
-}
-
-
 class BodyCut(Exception):
     """The client disconnected before its whole body arrived; `partial` is what came."""
 
@@ -127,55 +106,6 @@ class GuardMiddleware:
             await reply(send, 413, self._too_large, closing)
             return
         await self.app(scope, replay(body, receive), send)
-
-
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
-) -> dict[str, Any]:
-    """`{"error": {"message", "type", "param", "code"}}`; the type follows `status` unless `kind` is given."""
-    if kind is None:
-        kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def read_cluster_token(
-    path: str | os.PathLike[str] | None,
-    error: type[ValueError] = ValueError,
-    env: MutableMapping[str, str] | None = None,
-) -> str | None:
-    """The cluster token: the stripped content of `path` (--cluster-token-file) if given, else
-    $PD_SERVE_CLUSTER_TOKEN, else None (no auth). Raises `error` naming the flag or variable, never
-    the token."""
-    environ = os.environ if env is None else env
-    if path is not None:
-        try:
-            with open(path) as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise error(f"cluster_token_file ({CLUSTER_TOKEN_FLAG}): cannot read {path}: {exc.strerror}") from exc
-        if not token:
-            raise error(f"cluster_token_file ({CLUSTER_TOKEN_FLAG}): {path} is empty")
-        return token
-    token = environ.get(CLUSTER_TOKEN_ENV, "").strip()
-    if not token:
-        for old in _RETIRED_TOKEN_ENVS:
-            if environ.get(old):
-                raise error(
-                    f"{old} is no longer read: one cluster token now protects bootstrap, transfers and pd "
-                    f"requests; put the same secret in {CLUSTER_TOKEN_ENV} (or {CLUSTER_TOKEN_FLAG}) on every process"
-                )
-    return token or None
-
-
-def warn_if_open(log: logging.Logger, role: str, token: str | None) -> None:
-    """The one startup warning of a role running without a cluster token."""
-    if token is None:
-        log.warning(
-            "no cluster token (%s or $%s): the internal plane of this %s (bootstrap registry, KV "
-            "transfer handshakes, pd requests to nodes) is unauthenticated; anyone who can reach its "
-            "ports can register nodes, receive KV or inject rooms. Fine on a laptop, not on a network.",
-            CLUSTER_TOKEN_FLAG, CLUSTER_TOKEN_ENV, role,
-        )
 
 
 def header_value(scope: Scope, name: bytes) -> bytes | None:
@@ -279,34 +209,3 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def granian_server(
-    target: str,
-    host: str,
-    port: int,
-    log_level: str,
-    ssl_certfile: str | None = None,
-    ssl_keyfile: str | None = None,
-    log_dictconfig: dict[str, Any] | None = None,
-) -> Any:
-    """The Granian server every service runs: one ASGI worker, HTTP/1.1 and HTTP/2 on one port (h2c
-    on plain TCP, ALPN h2 with TLS), no access log; `log_dictconfig` is Granian's logging config (its
-    own default: plain lines on stdout). Granian is imported here, not at module scope."""
-    from pathlib import Path
-
-    from granian import Granian
-    from granian.constants import HTTPModes, Interfaces
-    from granian.log import LogLevels
-
-    return Granian(
-        target,
-        address=host,
-        port=port,
-        interface=Interfaces.ASGI,
-        workers=1,
-        http=HTTPModes.auto,
-        ssl_cert=Path(ssl_certfile) if ssl_certfile else None,
-        ssl_key=Path(ssl_keyfile) if ssl_keyfile else None,
-        log_level=LogLevels(log_level),
-        log_access=False,
-        log_dictconfig=log_dictconfig,
-    )

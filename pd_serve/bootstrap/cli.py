@@ -84,7 +84,8 @@ def check_port_free(host: str, port: int) -> None:
 
 def serve(config: BootstrapConfig, log: LogConfig) -> None:
     """Serve until SIGINT/SIGTERM; one Granian worker (the memory store is per process)."""
-    from pd_serve.http_common import granian_server, warn_if_open
+    from pd_serve.cluster_token import warn_if_open
+    from pd_serve.granian_server import granian_server
     from pd_serve.signals import relay_granian_signals
 
     setup_logging(log.role, log.level, log.fmt)

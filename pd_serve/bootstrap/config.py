@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from pd_serve.cluster_token import CLUSTER_TOKEN_ENV, read_cluster_token
 from pd_serve.config import ConfigError, require
-from pd_serve.http_common import CLUSTER_TOKEN_ENV, read_cluster_token
 
 TOKEN_ENV = CLUSTER_TOKEN_ENV
 _STORE_SCHEMES = ("redis://", "rediss://", "unix://")

@@ -15,22 +15,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from pd_serve.kv_layout import KVLayout
+
 NODE_ID_MAX_LEN = 128
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NODE_ID_RE = re.compile(NODE_ID_PATTERN)
 
 Role = Literal["prefill", "decode", "colocated"]
 ROLES: tuple[Role, ...] = ("prefill", "decode", "colocated")
-# The layout fingerprint fields, in the order a pair check compares them.
-LAYOUT_FIELDS = (
-    "architecture",
-    "num_layers",
-    "num_kv_heads",
-    "head_dim",
-    "dtype",
-    "page_size",
-    "config_hash",
-)
 
 PositiveInt = Annotated[int, Field(ge=1, le=2**31)]
 Count = Annotated[int, Field(ge=0, le=2**40)]
@@ -53,8 +45,9 @@ class TransferEndpoint(_Strict):
     address: Annotated[str, Field(min_length=1, max_length=256)]  # "host:port" or a backend URL
 
 
-class KVLayout(_Strict):
-    """The KV layout fingerprint; a prefill and a decode node pair only when all fields agree."""
+class KVLayoutRecord(_Strict):
+    """A `KVLayout` as the registry stores it (validated: strict types, bounds); a prefill and a
+    decode node pair only when `KVLayout.difference` finds no field that differs."""
 
     architecture: ShortStr
     num_layers: PositiveInt
@@ -63,6 +56,9 @@ class KVLayout(_Strict):
     dtype: Annotated[str, Field(min_length=1, max_length=32)]
     page_size: PositiveInt
     config_hash: ShortStr
+
+    def value(self) -> KVLayout:
+        return KVLayout(**self.model_dump())
 
 
 class Capacity(_Strict):
@@ -82,7 +78,7 @@ class NodeRegistration(_Strict):
     role: Role
     http_url: Annotated[str, Field(min_length=8, max_length=2048, pattern=r"^https?://\S+$")]
     transfer: Annotated[list[TransferEndpoint], Field(max_length=256, validate_default=True)] = []
-    layout: KVLayout
+    layout: KVLayoutRecord
     capacity: Capacity
     load: Load = Load()
 
@@ -147,7 +143,7 @@ def list_etag(records: Iterable[NodeRecord]) -> str:
 
 
 def check_pair(prefill: NodeRecord, decode: NodeRecord) -> PairCheck:
-    """Compare roles, then the layout fields in LAYOUT_FIELDS order, then the TP size."""
+    """Compare roles, then the layouts (`KVLayout.difference`), then the TP size."""
     if prefill.role == "decode" or decode.role == "prefill":
         return _mismatch(
             prefill,
@@ -157,12 +153,12 @@ def check_pair(prefill: NodeRecord, decode: NodeRecord) -> PairCheck:
             decode.role,
             f"roles cannot pair: prefill node is {prefill.role}, decode node is {decode.role}",
         )
-    for name in LAYOUT_FIELDS:
-        p, d = getattr(prefill.layout, name), getattr(decode.layout, name)
-        if p != d:
-            return _mismatch(
-                prefill, decode, f"layout.{name}", p, d, f"layout.{name} differs: prefill {p!r}, decode {d!r}"
-            )
+    diff = prefill.layout.value().difference(decode.layout.value())
+    if diff is not None:
+        name, p, d = diff
+        return _mismatch(
+            prefill, decode, f"layout.{name}", p, d, f"layout.{name} differs: prefill {p!r}, decode {d!r}"
+        )
     p_tp, d_tp = len(prefill.transfer), len(decode.transfer)
     if p_tp != d_tp:
         return _mismatch(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pd_serve.intmath import div_ceil
 from pd_serve.kernels import cpu_native, ops
 from pd_serve.kernels import reference as ref
 
@@ -57,7 +58,7 @@ def plan_decode(page_tables: list[list[int]], context_lens: list[int], page_size
     groups = []
     for start in range(0, len(order), DECODE_GROUP):
         rows = order[start : start + DECODE_GROUP]
-        n = -(-context_lens[rows[-1]] // page_size)
+        n = div_ceil(context_lens[rows[-1]], page_size)
         pages = [p for r in rows for p in page_tables[r][:n] + [0] * (n - len(page_tables[r][:n]))]
         lens = torch.tensor([context_lens[r] for r in rows], device=device)
         past = torch.arange(n * page_size, device=device)[None, :] >= lens[:, None]
@@ -116,7 +117,7 @@ class PagedAttention:
                 ki, vi = k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
-                n = -(-ctx // page_size)
+                n = div_ceil(ctx, page_size)
                 pages = m.extend_page_table[i, :n].long()
                 ki = kp.index_select(0, pages).view(1, n * page_size, kv_heads, head_dim)[:, :ctx].transpose(1, 2)
                 vi = vp.index_select(0, pages).view(1, n * page_size, kv_heads, head_dim)[:, :ctx].transpose(1, 2)

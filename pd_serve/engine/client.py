@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -44,18 +45,21 @@ class EngineClient:
         self.disagg = disagg
         self.addrs = EngineAddresses.fresh()
         self.dead_after_s = dead_after_s
-        self.info: dict[str, Any] = {}
+        self.info: m.EngineReady | None = None
         self.last_stats: m.EngineStats | None = None
         self._last_beat = 0.0
         self._queues: dict[str, asyncio.Queue[m.RequestDelta]] = {}
-        self._replies: dict[str, asyncio.Future[m.Reply]] = {}
+        self._replies: dict[str, asyncio.Future[m.Reply]] = {}  # by call id
+        self._ready: asyncio.Future[m.EngineReady | m.Reply] | None = None
+        self._stats_waiters: list[asyncio.Future[m.EngineStats]] = []
+        self._call_ids = itertools.count()
         self._ctx = zmq.asyncio.Context()
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dead_reason: str | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    async def start(self, timeout: float = 600.0) -> dict[str, Any]:
+    async def start(self, timeout: float = 600.0) -> m.EngineReady:
         self._out = self._ctx.socket(zmq.PULL)
         self._out.bind(self.addrs.outputs)
         self._in = self._ctx.socket(zmq.PUSH)
@@ -70,18 +74,18 @@ class EngineClient:
         )
         self._proc.start()
         log.info("engine process %d started: loading %s", self._proc.pid, self.config.model)
-        ready = asyncio.get_running_loop().create_future()
-        self._replies["ready"] = ready
+        ready: asyncio.Future[m.EngineReady | m.Reply] = asyncio.get_running_loop().create_future()
+        self._ready = ready
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
         try:
             reply = await asyncio.wait_for(ready, timeout)
         except asyncio.TimeoutError as exc:
             await self.shutdown()
             raise EngineStartError(f"engine did not become ready within {timeout:.0f} s") from exc
-        if reply.kind != "ready":
+        if isinstance(reply, m.Reply):
             await self.shutdown()
             raise EngineStartError(f"engine failed to start: {reply.payload.get('error')}")
-        self.info = reply.payload
+        self.info = reply
         self._last_beat = time.monotonic()
         return self.info
 
@@ -148,21 +152,20 @@ class EngineClient:
     async def stats(self, timeout: float = STATS_TIMEOUT_S) -> m.EngineStats:
         """Fresh statistics from the engine loop (raises TimeoutError if it does not answer): the
         loop answers between steps, and one step of a loaded 2-core machine can take seconds."""
-        before = self._last_beat
-        await self._in.send(m.encode(m.GetStats()))
-        deadline = time.monotonic() + timeout
-        while self._last_beat == before:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"engine did not answer within {timeout} s")
-            await asyncio.sleep(0.005)
-        assert self.last_stats is not None
-        return self.last_stats
+        fut: asyncio.Future[m.EngineStats] = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(fut)
+        try:
+            await self._in.send(m.encode(m.GetStats()))
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"engine did not answer within {timeout} s") from None
+        finally:
+            if fut in self._stats_waiters:
+                self._stats_waiters.remove(fut)
 
     async def flush_cache(self, timeout: float = 10.0) -> int:
-        fut = asyncio.get_running_loop().create_future()
-        self._replies["flushed"] = fut
-        await self._in.send(m.encode(m.FlushCache()))
-        reply = await asyncio.wait_for(fut, timeout)
+        call_id = self._new_call_id("flush")
+        reply = await self._call(m.FlushCache(call_id), call_id, timeout)
         return int(reply.payload["freed_pages"])
 
     async def start_profile(self, directory: str, timeout: float = 30.0) -> None:
@@ -174,36 +177,58 @@ class EngineClient:
         return str((await self._profile_call(m.StopProfile(), timeout))["trace"])
 
     async def _profile_call(self, msg: m.StartProfile | m.StopProfile, timeout: float) -> dict[str, Any]:
-        fut = asyncio.get_running_loop().create_future()
-        self._replies["profile"] = fut
-        await self._in.send(m.encode(msg))
-        payload = (await asyncio.wait_for(fut, timeout)).payload
+        msg.call_id = self._new_call_id("profile")
+        payload = (await self._call(msg, msg.call_id, timeout)).payload
         if "error" in payload:
             raise RuntimeError(payload["error"])
         return dict(payload)
 
+    def _new_call_id(self, kind: str) -> str:
+        return f"{kind}-{next(self._call_ids)}"
+
+    async def _call(
+        self, msg: m.FlushCache | m.StartProfile | m.StopProfile, call_id: str, timeout: float
+    ) -> m.Reply:
+        """Send a control message and wait for the Reply that carries its call id."""
+        fut: asyncio.Future[m.Reply] = asyncio.get_running_loop().create_future()
+        self._replies[call_id] = fut
+        try:
+            await self._in.send(m.encode(msg))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._replies.pop(call_id, None)
+
     # ---- background tasks ---------------------------------------------------------------------
     async def _read(self) -> None:
         while True:
-            msg = m.decode(await self._out.recv())
-            if isinstance(msg, m.StepOutputs):
-                for delta in msg.deltas:
-                    q = self._queues.get(delta.request_id)
-                    if q is not None:
-                        q.put_nowait(delta)
-            elif isinstance(msg, m.EngineStats):
-                self.last_stats, self._last_beat = msg, time.monotonic()
-            elif isinstance(msg, m.Reply):
-                fut = self._replies.pop(msg.kind if msg.kind != "failed" else "ready", None)
-                if fut is not None and not fut.done():
+            self._on_message(m.decode(await self._out.recv()))
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, m.StepOutputs):
+            for delta in msg.deltas:
+                q = self._queues.get(delta.request_id)
+                if q is not None:
+                    q.put_nowait(delta)
+        elif isinstance(msg, m.EngineStats):
+            self.last_stats, self._last_beat = msg, time.monotonic()
+            waiters, self._stats_waiters = self._stats_waiters, []
+            for fut in waiters:
+                if not fut.done():
                     fut.set_result(msg)
+        elif isinstance(msg, m.EngineReady) or (isinstance(msg, m.Reply) and not msg.call_id):
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(msg)  # ready, or failed to start
+        elif isinstance(msg, m.Reply):
+            reply = self._replies.pop(msg.call_id, None)
+            if reply is not None and not reply.done():
+                reply.set_result(msg)
 
     async def _watch(self) -> None:
         while self._proc is not None and self._proc.is_alive():
             await asyncio.sleep(0.2)
         code = self._proc.exitcode if self._proc else None
         self._fail_all(f"engine process exited (code {code})")
-        fut = self._replies.pop("ready", None)
+        fut = self._ready
         if fut is not None and not fut.done():
             fut.set_result(m.Reply("failed", {"error": f"engine process exited (code {code}) before it was ready"}))
 

@@ -6,33 +6,11 @@ allocated once; pages are handed out by `PageAllocator`, never by this module.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 
 from pd_serve.config import ConfigError
+from pd_serve.kv_layout import KVLayout
 from pd_serve.model.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """What two nodes must agree on to exchange KV pages."""
-
-    architecture: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
-    page_size: int
-    config_hash: str
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    def first_difference(self, other: KVLayout) -> str | None:
-        """Name of the first field that differs, or None when compatible."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return next((k for k in mine if mine[k] != theirs[k]), None)
 
 
 def bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
@@ -70,10 +48,6 @@ class KVCache:
             page_size=page_size,
             config_hash=model.config_hash,
         )
-
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_pages * self.page_size
 
     @property
     def nbytes(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from pd_serve.engine.sampling_params import SamplingParams
+from pd_serve.kv_layout import KVLayout
 
 
 @dataclass
@@ -39,12 +40,12 @@ class AbortRequest:
 
 @dataclass
 class FlushCache:
-    pass
+    call_id: str = ""  # echoed in the Reply, so concurrent calls each get their own answer
 
 
 @dataclass
 class GetStats:
-    pass
+    pass  # answered with an EngineStats (the next one the engine sends)
 
 
 @dataclass
@@ -55,11 +56,12 @@ class Shutdown:
 @dataclass
 class StartProfile:
     directory: str  # where StopProfile writes the torch profiler trace
+    call_id: str = ""
 
 
 @dataclass
 class StopProfile:
-    pass
+    call_id: str = ""
 
 
 @dataclass
@@ -116,22 +118,40 @@ class EngineStats:
 
 
 @dataclass
+class EngineReady:
+    """The engine's first message once it runs: what the API process and the registry need of it."""
+
+    layout: KVLayout
+    max_model_len: int
+    config: dict[str, Any]  # the EngineConfig it started with, as a dict
+    model_dir: str
+    role: str  # prefill | decode | colocated
+    transfer_endpoint: str | None  # None when colocated
+    transfer_backend: str | None  # as configured: auto, cma, ucx or tcp; None when colocated
+    transfer_backends: list[str]  # the planes it offers, best first
+    num_pages: int
+    max_running_requests: int
+    memory: dict[str, int]  # weights_bytes, kv_cache_bytes
+
+
+@dataclass
 class StepOutputs:
     deltas: list[RequestDelta]
 
 
 @dataclass
 class Reply:
-    """The engine's answer to a control message (stats, flush)."""
+    """The engine's answer to a control message (flush, profile), or its failure to start."""
 
     kind: str
     payload: dict[str, Any] = field(default_factory=dict)
+    call_id: str = ""  # the control message's call_id; "" for a failure to start
 
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (AddRequest, AbortRequest, FlushCache, GetStats, Shutdown, StartProfile, StopProfile, StepOutputs,
-                Reply, EngineStats)
+                Reply, EngineStats, EngineReady)
 }
 
 
@@ -149,6 +169,8 @@ def _build(cls: type, body: dict[str, Any]) -> Any:
     if cls is AddRequest:
         pd = PDSpec(**body["pd"]) if body.get("pd") else None
         return AddRequest(body["request_id"], body["prompt_token_ids"], SamplingParams(**body["sampling"]), pd)
+    if cls is EngineReady:
+        return EngineReady(**{**body, "layout": KVLayout.from_value(body["layout"])})
     if cls is StepOutputs:
         deltas = []
         for d in body["deltas"]:

@@ -24,16 +24,13 @@ class PageAllocator:
         """Pages an allocation can get now (free plus evictable)."""
         return len(self._free) + (self.cache.num_evictable if self.cache else 0)
 
-    @property
-    def num_used(self) -> int:
-        return self.num_pages - self.num_free
-
     def ref_count(self, page: int) -> int:
         return self._refs[page]
 
-    def allocate(self, n: int) -> list[int] | None:
-        """n fresh pages with one reference each, or None (nothing changed) if there are not enough."""
-        if n > self.num_free:
+    def allocate(self, n: int, reserve: int = 0) -> list[int] | None:
+        """n fresh pages with one reference each, or None (nothing changed) if fewer than
+        n + `reserve` can be had."""
+        if n + reserve > self.num_free:
             return None
         take = min(n, len(self._free))
         pages = [self._free.popleft() for _ in range(take)]

@@ -39,10 +39,6 @@ class PrefixCache:
     def num_cached(self) -> int:
         return len(self._by_key)
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
-
     def holds(self, page: int) -> bool:
         return page in self._key_of
 

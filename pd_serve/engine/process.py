@@ -1,7 +1,8 @@
 """The engine loop in its own process, fed over ZMQ.
 
 The API process PUSHes `AddRequest`, `AbortRequest`, `FlushCache`, `GetStats` and `Shutdown`
-to the engine's input socket; the engine PUSHes `StepOutputs`, `Reply` and `EngineStats` back.
+to the engine's input socket; the engine PUSHes `EngineReady` (once, first), `StepOutputs`, `Reply`
+(carrying the control message's `call_id`) and `EngineStats` back.
 `EngineStats` goes out at least every `HEARTBEAT_S`, so the other side can tell a live loop from a
 dead or stuck one. The loop never blocks while it has work; idle, it waits on the input socket.
 """
@@ -78,22 +79,22 @@ def run_engine(
         out.send(m.encode(m.Reply("failed", {"error": f"{type(exc).__name__}: {exc}"})))
         raise
     memory = core.memory()
-    out.send(m.encode(m.Reply("ready", {
-        "layout": core.kv.layout.to_dict(),
-        "max_model_len": core.max_model_len,
-        "config": asdict(config),
-        "model_dir": str(core.model_dir),
-        "role": disagg.role if disagg else "colocated",
-        "transfer_endpoint": core.transfer.endpoint if core.transfer is not None else None,
-        "transfer_backend": disagg.transfer.backend if disagg else None,
-        "transfer_backends": core.transfer.backends if core.transfer is not None else [],
-        "num_pages": core.kv.num_pages,
-        "max_running_requests": config.max_running_requests,
-        "memory": memory,
-    })))
+    out.send(m.encode(m.EngineReady(
+        layout=core.kv.layout,
+        max_model_len=core.max_model_len,
+        config=asdict(config),
+        model_dir=str(core.model_dir),
+        role=disagg.role if disagg else "colocated",
+        transfer_endpoint=core.connector.endpoint,
+        transfer_backend=disagg.transfer.backend if disagg else None,
+        transfer_backends=list(core.connector.backends),
+        num_pages=core.kv.num_pages,
+        max_running_requests=config.max_running_requests,
+        memory=memory,
+    )))
     log.info("engine ready: weights %s, KV pools %s (%d pages of %d tokens), %s",
              mib(memory["weights_bytes"]), mib(memory["kv_cache_bytes"]), core.kv.num_pages, config.page_size,
-             f"transfer endpoint {core.transfer.endpoint}" if core.transfer is not None else "no transfer")
+             f"transfer endpoint {core.connector.endpoint}" if core.connector.endpoint else "no transfer")
     try:
         EngineLoop(core, inp, out, stop).run()
     finally:
@@ -176,9 +177,11 @@ class EngineLoop:
             core.abort(msg.request_id, "aborted by the client")
         elif isinstance(msg, m.FlushCache):
             freed = core.flush_prefix_cache()
-            self.out.send(m.encode(m.Reply("flushed", {"freed_pages": freed})))
+            self.out.send(m.encode(m.Reply("flushed", {"freed_pages": freed}, call_id=msg.call_id)))
         elif isinstance(msg, (m.StartProfile, m.StopProfile)):
-            self.out.send(m.encode(self._profile(msg)))
+            reply = self._profile(msg)
+            reply.call_id = msg.call_id
+            self.out.send(m.encode(reply))
         elif isinstance(msg, m.GetStats):
             self._heartbeat(force=True)
         elif isinstance(msg, m.Shutdown):

@@ -23,7 +23,7 @@ from pd_serve.model.llama import ForwardBatch, LlamaForCausalLM
 
 @dataclass
 class RunnerOutput:
-    sampled: list[ScheduledChunk]  # the chunks that produced a token, in the order of `tokens`
+    sampled: list[ScheduledChunk]  # the chunks that produced a token, in the order of `result.token_ids`
     result: SamplerOutput
 
 

@@ -98,9 +98,15 @@ class Sampler:
         noise = torch.empty(shape, device=self.device).exponential_()
         for i, r in enumerate(requests):
             if r.generator is not None:
-                row = torch.empty(shape[-1]).exponential_(generator=r.generator)
-                noise[i] = row.to(self.device)
+                noise[i] = _seeded_noise(r.generator, shape[-1]).to(self.device)
         return noise.clamp_(min=1e-10)
+
+    @staticmethod
+    def skip_draw(request: Request, vocab_size: int) -> None:
+        """Advance a seeded request's generator past the draw its first token took elsewhere (on
+        the prefill node), so that its next tokens are those a colocated engine would sample."""
+        if request.generator is not None and not request.params.greedy:
+            _seeded_noise(request.generator, vocab_size)
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> list[TokenLogprobs | None]:
         want = [r.params.logprobs for r in requests]
@@ -123,3 +129,8 @@ class Sampler:
 
     def _column(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
+
+
+def _seeded_noise(generator: torch.Generator, vocab_size: int) -> torch.Tensor:
+    """One row of Exp(1) noise from a request's own generator (on the CPU, so equal seeds agree)."""
+    return torch.empty(vocab_size).exponential_(generator=generator)

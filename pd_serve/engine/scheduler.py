@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pd_serve.engine.page_allocator import PageAllocator
 from pd_serve.engine.prefix_cache import PrefixCache, page_hashes
 from pd_serve.engine.request import FinishReason, Request, RequestStatus
+from pd_serve.intmath import div_ceil
 
 
 class RequestRejected(ValueError):
@@ -90,7 +91,7 @@ class Scheduler:
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
                 f"context length {c.max_model_len} (--max-model-len)",
             )
-        pages = -(-total // c.page_size)
+        pages = div_ceil(total, c.page_size)
         if pages > c.num_pages:
             raise RequestRejected(
                 "max_tokens",
@@ -103,7 +104,7 @@ class Scheduler:
         for req in self.waiting:
             if req.request_id == request_id:
                 self.waiting.remove(req)
-                self._release(req)
+                self.release(req)
                 req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
                 return req
         for req in self.running:
@@ -114,7 +115,7 @@ class Scheduler:
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         self.running.remove(request)
-        self._release(request)
+        self.release(request)
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
 
     def hand_over(self, request: Request) -> list[int]:
@@ -127,6 +128,29 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    # ---- pages, for requests outside the queues (the KV connector's) ------------------------
+    @property
+    def page_size(self) -> int:
+        return self.config.page_size
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages that hold `num_tokens` tokens."""
+        return div_ceil(num_tokens, self.config.page_size)
+
+    def allocate_pages(self, n: int, reserve: int = 0) -> list[int] | None:
+        """n pages, or None (nothing taken) unless `reserve` more would still be free."""
+        return self.pages.allocate(n, reserve)
+
+    def release_pages(self, pages: list[int]) -> None:
+        self.pages.release(pages)
+
+    def adopt_prompt(self, request: Request, pages: list[int], num_cached_pages: int) -> None:
+        """The request's prompt KV is in `pages` (the first `num_cached_pages` shared from the prefix
+        cache, the rest written by a peer): it is computed, and `add()` makes it decode."""
+        request.page_ids = pages
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_hashed_pages = num_cached_pages
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> ScheduleOutput:
@@ -142,7 +166,7 @@ class Scheduler:
             budget -= n
             i += 1
         if not out.preempted:
-            budget = self._admit(budget, out)
+            self._admit(budget, out)
         return out
 
     def commit(self, out: ScheduleOutput) -> None:
@@ -153,7 +177,7 @@ class Scheduler:
             self._cache_full_pages(req)
 
     # ---- internals -------------------------------------------------------------------------
-    def _admit(self, budget: int, out: ScheduleOutput) -> int:
+    def _admit(self, budget: int, out: ScheduleOutput) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             req = self.waiting[0]
             if not req.page_ids:
@@ -169,7 +193,6 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
-        return budget
 
     def _reserve(self, req: Request, n: int, out: ScheduleOutput) -> bool:
         """Give req pages for n more tokens, preempting the newest requests if needed."""
@@ -186,14 +209,15 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: ScheduleOutput) -> None:
         self.running.remove(req)
-        self._release(req)
+        self.release(req)
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
-    def _release(self, req: Request) -> None:
+    def release(self, req: Request) -> None:
+        """Drop the request's pages (and with them what it had computed)."""
         self.pages.release(req.page_ids)
         req.page_ids = []
         req.num_computed_tokens = 0
@@ -201,7 +225,7 @@ class Scheduler:
 
     def _pages_needed(self, req: Request, n: int) -> int:
         total = req.num_computed_tokens + n
-        return max(0, -(-total // self.config.page_size) - len(req.page_ids))
+        return max(0, self.pages_for(total) - len(req.page_ids))
 
     def _keys(self, req: Request, num_pages: int) -> list[int]:
         """Prefix-cache keys of the request's first num_pages full pages (memoised on the request)."""
@@ -212,35 +236,28 @@ class Scheduler:
             req.page_hashes += page_hashes(tokens, self.config.page_size, start=have, parent=parent)
         return req.page_hashes[:num_pages]
 
-    def take_cached_prefix(self, req: Request) -> list[int]:
-        """Pages of the request's longest cached prefix (full pages, leaving at least one token),
-        with a reference taken on each for the caller; [] without a prefix cache."""
+    def take_cached_prefix(self, req: Request, record: bool = True) -> list[int]:
+        """Pages of the request's longest cached prefix (full pages, leaving at least one token to
+        compute, so that the last position yields logits), with a reference taken on each for the
+        caller; [] without a prefix cache. With `record`, the lookup counts in the cache's
+        statistics and sets the request's `num_cached_tokens`."""
         if self.prefix_cache is None:
             return []
         usable = (req.num_tokens - 1) // self.config.page_size
         pages = self.prefix_cache.match(self._keys(req, usable))
-        self.prefix_cache.record_lookup(req.num_tokens, len(pages) * self.config.page_size)
-        req.num_cached_tokens = len(pages) * self.config.page_size
+        if record:
+            self.prefix_cache.record_lookup(req.num_tokens, len(pages) * self.config.page_size)
+            req.num_cached_tokens = len(pages) * self.config.page_size
         self.pages.share(pages)
         return pages
 
     def _match_prefix(self, req: Request) -> None:
         if self.prefix_cache is None:
             return
-        # at least one token is always computed, so that the last position yields logits
-        usable = (req.num_tokens - 1) // self.config.page_size
-        pages = self.prefix_cache.match(self._keys(req, usable))
-        if req.num_preemptions == 0:
-            self.prefix_cache.record_lookup(req.num_tokens, len(pages) * self.config.page_size)
-            req.num_cached_tokens = len(pages) * self.config.page_size
-        self.pages.share(pages)
+        pages = self.take_cached_prefix(req, record=req.num_preemptions == 0)
         req.page_ids = list(pages)
         req.num_computed_tokens = len(pages) * self.config.page_size
         req.num_hashed_pages = len(pages)
-
-    def mark_hashed(self, req: Request, num_pages: int) -> None:
-        """The request's first num_pages pages are already in the prefix cache (shared from it)."""
-        req.num_hashed_pages = num_pages
 
     def _cache_full_pages(self, req: Request) -> None:
         if self.prefix_cache is None:

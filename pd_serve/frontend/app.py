@@ -11,7 +11,8 @@ body is read), the body size (413), JSON checks (400) and the request limits (`l
 admission slot is released on every path. Every request to a node carries the cluster token
 (`X-PD-Cluster-Token`) when one is set.
 The lifespan opens the relay's node connections (`proxy.node_pool`), an `httpx.AsyncClient` for
-the rest (probes, /v1/models, /flush_cache), and starts the node watcher. Every
+the rest (probes, and /health, /v1/models, /flush_cache, which live in `admin.py`), and starts the
+node watcher. Every
 error leaves as OpenAI-shaped JSON; an unexpected exception is logged with its stack, never sent.
 A generation request runs as a task that is cancelled when the client disconnects.
 """
@@ -21,18 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 import httpx
 import orjson
 
+from pd_serve.cluster_token import warn_if_open
+from pd_serve.frontend.admin import flush_cache, health, models, upstream_client
 from pd_serve.frontend.config import FrontendConfig
+from pd_serve.frontend.downstream import ClientGone, reply, send_checked
 from pd_serve.frontend.errors import RETRY_AFTER_S, error_bytes
 from pd_serve.frontend.limits import cap_output, check_limits, param_of, parse_body
 from pd_serve.frontend.load import Admission, Refusal
 from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import NodeSet, watch_bootstrap, watch_static
-from pd_serve.frontend.proxy import ClientGone, Relay, node_pool, reply, send_checked
+from pd_serve.frontend.proxy import Relay, node_pool
 from pd_serve.frontend.router import Router
 from pd_serve.http_common import (
     BEARER_CHALLENGE,
@@ -44,9 +47,9 @@ from pd_serve.http_common import (
     StatusRecorder,
     bearer_value,
     read_body,
-    warn_if_open,
 )
 from pd_serve.metrics_common import CONTENT_TYPE
+from pd_serve.openai_errors import ErrorCode
 
 log = logging.getLogger(__name__)
 GENERATE = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -61,15 +64,6 @@ ROUTES = {
     "/flush_cache": "POST",
 }
 CLIENT_GONE_STATUS = 499
-
-
-def upstream_client(config: FrontendConfig) -> httpx.AsyncClient:
-    """The one pool every upstream call shares: keep-alive, every wait bounded."""
-    timeout = httpx.Timeout(
-        config.upstream_timeout, connect=config.connect_timeout, pool=config.connect_timeout
-    )
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=512, keepalive_expiry=30.0)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, verify=False)
 
 
 class FrontendApp:
@@ -91,7 +85,7 @@ class FrontendApp:
         if self.config.bootstrap:
             watcher = watch_bootstrap(self.nodes, self.config.bootstrap, self.config.cluster_token)
         else:
-            watcher = watch_static(self.nodes, self.http, self._node_headers())
+            watcher = watch_static(self.nodes, self.http, self.config.node_headers)
         self._watcher = asyncio.create_task(watcher, name="frontend-node-watch")
         log.info(
             "frontend on %s:%d, policy %s, nodes from %s",
@@ -110,9 +104,6 @@ class FrontendApp:
             await self.relay.aclose()
         if self.http is not None:
             await self.http.aclose()
-
-    def _node_headers(self) -> dict[str, str]:
-        return self.config.node_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -144,7 +135,7 @@ class FrontendApp:
                 await reply(
                     noted,
                     500,
-                    error_bytes(500, "internal error in the frontend; see its log", code="internal_error"),
+                    error_bytes(500, "internal error in the frontend; see its log", code=ErrorCode.INTERNAL_ERROR),
                 )
         finally:
             self.metrics.requests.labels(
@@ -154,7 +145,7 @@ class FrontendApp:
     async def _route(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         method = ROUTES.get(path)
         if method is None:
-            await reply(send, 404, error_bytes(404, f"no route {path}", code="not_found"))
+            await reply(send, 404, error_bytes(404, f"no route {path}", code=ErrorCode.NOT_FOUND))
         elif scope["method"] != method:
             await reply(send, 405, error_bytes(405, f"{path} takes {method}, not {scope['method']}"))
         elif path in OPEN_PATHS or not self._keys:
@@ -166,7 +157,7 @@ class FrontendApp:
                     "missing or wrong API key: send 'Authorization: Bearer <key>' with one of the "
                     "frontend's --api-key keys"
                 )
-                await reply(send, 401, error_bytes(401, message, code="invalid_api_key"), BEARER_CHALLENGE)
+                await reply(send, 401, error_bytes(401, message, code=ErrorCode.INVALID_API_KEY), BEARER_CHALLENGE)
             else:
                 await self._serve_route(path, scope, receive, send, principal)
 
@@ -180,7 +171,7 @@ class FrontendApp:
             with admitted:
                 await self._generate(path, scope, receive, send)
         elif path == "/health":
-            await self._health(send)
+            await health(self.nodes, send)
         elif path == "/metrics":
             body = self.metrics.render(self.nodes)
             await send_checked(
@@ -196,9 +187,11 @@ class FrontendApp:
             admission = {"in_flight": self.admission.total, "by_key": self.admission.snapshot()}
             await reply(send, 200, orjson.dumps({"nodes": self.nodes.describe(), "admission": admission}))
         elif path == "/v1/models":
-            await self._models(send)
+            assert self.http is not None
+            await models(self.nodes, self.http, self.config.node_headers, send)
         else:
-            await self._flush_cache(send)
+            assert self.http is not None
+            await flush_cache(self.nodes, self.http, self.config.node_headers, send)
 
     async def _generate(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -207,7 +200,7 @@ class FrontendApp:
             # also what a malformed body (a bad chunk size) reads as: answer, or Granian sends a bare 500
             with contextlib.suppress(ClientGone):
                 message = "the request body ended before it was complete (or its chunked encoding is malformed)"
-                await reply(send, 400, error_bytes(400, message, code="incomplete_body"))
+                await reply(send, 400, error_bytes(400, message, code=ErrorCode.INCOMPLETE_BODY))
             raise ClientGone(str(exc)) from exc
         if raw is None:
             limit = self.config.max_request_bytes
@@ -217,13 +210,13 @@ class FrontendApp:
                 error_bytes(
                     413,
                     f"the request body is over {limit} bytes (--max-request-bytes)",
-                    code="request_too_large",
+                    code=ErrorCode.REQUEST_TOO_LARGE,
                 ),
             )
             return
         body, problem = parse_body(raw)
         if body is None:
-            await reply(send, 400, error_bytes(400, problem, param=param_of(problem), code="invalid_value"))
+            await reply(send, 400, error_bytes(400, problem, param=param_of(problem), code=ErrorCode.INVALID_VALUE))
             return
         over = check_limits(body, self.config)
         if over is not None:
@@ -246,59 +239,6 @@ class FrontendApp:
                 await gone
         if gone.done() and not gone.cancelled() and work.cancelled():
             raise ClientGone("client disconnected")
-
-    async def _health(self, send: Send) -> None:
-        pairs = self.nodes.has_pair()
-        decodes = [n for n in self.nodes.of_role("decode", "colocated") if self.nodes.available(n)]
-        prefills = self.nodes.of_role("prefill")
-        ok = pairs or (bool(decodes) and not prefills)
-        body = {
-            "status": "ok" if ok else "no compatible node pair",
-            "pairs": pairs,
-            "prefill": len(prefills),
-            "decode": len(self.nodes.of_role("decode", "colocated")),
-        }
-        headers = () if ok else ((b"retry-after", RETRY_AFTER_S.encode()),)
-        await reply(send, 200 if ok else 503, orjson.dumps(body), headers)
-
-    async def _models(self, send: Send) -> None:
-        assert self.http is not None
-        for node in self.nodes.of_role("decode", "colocated") + self.nodes.of_role("prefill"):
-            if not self.nodes.available(node):
-                continue
-            try:
-                r = await self.http.get(f"{node.url}/v1/models", headers=self._node_headers(), timeout=5.0)
-            except httpx.HTTPError:
-                continue
-            if r.status_code == 200:
-                await reply(send, 200, r.content)
-                return
-        await reply(
-            send,
-            503,
-            error_bytes(503, "no live node answered /v1/models", code="no_node"),
-            ((b"retry-after", RETRY_AFTER_S.encode()),),
-        )
-
-    async def _flush_cache(self, send: Send) -> None:
-        http = self.http
-        assert http is not None
-        nodes = list(self.nodes.nodes.values())
-
-        async def one(url: str) -> dict[str, Any]:
-            try:
-                r = await http.post(f"{url}/flush_cache", headers=self._node_headers(), timeout=30.0)
-            except httpx.HTTPError as exc:
-                return {"status": 0, "error": type(exc).__name__}
-            try:
-                return {"status": r.status_code, "body": r.json()}
-            except ValueError:
-                return {"status": r.status_code, "body": r.text[:200]}
-
-        results = await asyncio.gather(*(one(n.url) for n in nodes))
-        by_node = {n.node_id: res for n, res in zip(nodes, results)}
-        ok = all(res["status"] == 200 for res in results)
-        await reply(send, 200 if ok else 502, orjson.dumps({"nodes": by_node}))
 
 
 async def _disconnected(receive: Receive) -> None:

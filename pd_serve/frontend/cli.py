@@ -19,8 +19,8 @@ from functools import partial
 from typing import Any
 
 from pd_serve import cli_config
+from pd_serve.cluster_token import read_cluster_token, read_secret_file
 from pd_serve.frontend.config import POLICIES, FrontendConfig, FrontendConfigError
-from pd_serve.http_common import read_cluster_token
 from pd_serve.logs import LogConfig, add_log_arguments, granian_log_config, setup_logging
 
 API_KEYS_ENV = "PD_SERVE_API_KEYS"
@@ -29,7 +29,7 @@ API_KEYS_ENV = "PD_SERVE_API_KEYS"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = FrontendConfig(decode_urls=("http://placeholder",))
     parser.add_argument("--host", default=d.host, help="address to listen on")
-    parser.add_argument("--port", type=int, default=d.port, help="port to listen on")
+    _number(parser, "--port", d.port, "port to listen on")
     parser.add_argument("--bootstrap", default=None, help="bootstrap service URL (nodes are watched there)")
     parser.add_argument(
         "--prefill",
@@ -48,17 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="static decode (or colocated) node URLs (instead of --bootstrap)",
     )
     parser.add_argument("--policy", default=d.policy, choices=POLICIES, help="how a node is picked")
-    parser.add_argument(
-        "--max-retries",
-        type=int,
-        default=d.max_retries,
-        help="retries on another pair, only before the client got a byte",
-    )
-    parser.add_argument(
+    _number(parser, "--max-retries", d.max_retries, "retries on another pair, only before the client got a byte")
+    _number(
+        parser,
         "--local-prefill-threshold",
-        type=int,
-        default=d.local_prefill_threshold,
-        help="prompts shorter than this many characters go to a decode node alone (0: off)",
+        d.local_prefill_threshold,
+        "prompts shorter than this many characters go to a decode node alone (0: off)",
     )
     parser.add_argument(
         "--api-key",
@@ -80,74 +75,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ssl-certfile", default=None, help="TLS certificate (PEM); with --ssl-keyfile: HTTPS, h2 by ALPN"
     )
     parser.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
-    parser.add_argument(
-        "--breaker-failures",
-        type=int,
-        default=d.breaker_failures,
-        help="consecutive failures that open a node's circuit breaker",
-    )
-    parser.add_argument(
-        "--breaker-cooldown",
-        type=float,
-        default=d.breaker_cooldown,
-        help="seconds a breaker stays open before one probe request",
-    )
-    parser.add_argument(
-        "--connect-timeout", type=float, default=d.connect_timeout, help="seconds to connect to a node"
-    )
-    parser.add_argument(
+    _number(parser, "--breaker-failures", d.breaker_failures, "consecutive failures that open a node's circuit breaker")
+    _number(parser, "--breaker-cooldown", d.breaker_cooldown, "seconds a breaker stays open before one probe request")
+    _number(parser, "--connect-timeout", d.connect_timeout, "seconds to connect to a node")
+    _number(
+        parser,
         "--upstream-timeout",
-        type=float,
-        default=d.upstream_timeout,
-        help="longest silence from a node, in seconds (its headers, or between stream chunks)",
+        d.upstream_timeout,
+        "longest silence from a node, in seconds (its headers, or between stream chunks)",
     )
-    parser.add_argument(
+    _number(
+        parser,
         "--probe-interval",
-        type=float,
-        default=d.probe_interval,
-        help="seconds between node-list refreshes (bootstrap) or /health probes (static)",
+        d.probe_interval,
+        "seconds between node-list refreshes (bootstrap) or /health probes (static)",
     )
-    parser.add_argument(
-        "--prefix-chars",
-        type=int,
-        default=d.prefix_chars,
-        help="prefix_aware: leading prompt characters that make up its prefix",
-    )
-    parser.add_argument(
+    _number(parser, "--prefix-chars", d.prefix_chars, "prefix_aware: leading prompt characters that make up its prefix")
+    _number(
+        parser,
         "--prefix-balance",
-        type=float,
-        default=d.prefix_balance,
-        help="prefix_aware: leave the prefix's node when it has this many more requests than the least loaded",
+        d.prefix_balance,
+        "prefix_aware: leave the prefix's node when it has this many more requests than the least loaded",
     )
-    parser.add_argument(
-        "--max-request-bytes", type=int, default=d.max_request_bytes, help="largest request body (413 past it)"
-    )
-    parser.add_argument(
+    _number(parser, "--max-request-bytes", d.max_request_bytes, "largest request body (413 past it)")
+    _number(
+        parser,
         "--max-prompt-chars",
-        type=int,
-        default=d.max_prompt_chars,
-        help="longest prompt in characters (400 past it; nodes also limit tokens); 0: no limit",
+        d.max_prompt_chars,
+        "longest prompt in characters (400 past it; nodes also limit tokens); 0: no limit",
     )
-    parser.add_argument(
+    _number(
+        parser,
         "--max-output-tokens",
-        type=int,
-        default=d.max_output_tokens,
-        help="largest max_tokens / max_completion_tokens a request may ask (400 past it); 0: no limit",
+        d.max_output_tokens,
+        "largest max_tokens / max_completion_tokens a request may ask (400 past it); 0: no limit",
     )
-    parser.add_argument(
+    _number(
+        parser,
         "--max-concurrent-per-key",
-        type=int,
-        default=d.max_concurrent_per_key,
-        help="generation requests in flight per API key (429 with Retry-After past it); 0: no limit",
+        d.max_concurrent_per_key,
+        "generation requests in flight per API key (429 with Retry-After past it); 0: no limit",
     )
-    parser.add_argument(
+    _number(
+        parser,
         "--max-concurrent-requests",
-        type=int,
-        default=d.max_concurrent_requests,
-        help="generation requests in flight in all (503 with Retry-After past it, at once); 0: no limit",
+        d.max_concurrent_requests,
+        "generation requests in flight in all (503 with Retry-After past it, at once); 0: no limit",
     )
     add_log_arguments(parser)
     cli_config.add_config_arguments(parser)
+
+
+def _number(parser: argparse.ArgumentParser, flag: str, default: float, help: str) -> None:
+    """A numeric flag whose type is its default's (int or float)."""
+    parser.add_argument(flag, type=type(default), default=default, help=help)
 
 
 def config_from_args(args: argparse.Namespace) -> FrontendConfig:
@@ -187,11 +168,7 @@ def api_keys(given: list[str], path: str | None, env: dict[str, str] | None = No
     (comma-separated; how `pd-serve up` passes keys), without repeats."""
     keys = [k.strip() for k in given]
     if path is not None:
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except OSError as exc:
-            raise FrontendConfigError(f"api_key_file (--api-key-file): cannot read {path}: {exc.strerror}") from exc
+        lines = read_secret_file(path, "api_key_file (--api-key-file)", FrontendConfigError).splitlines()
         from_file = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
         if not from_file:
             raise FrontendConfigError(f"api_key_file (--api-key-file): {path} holds no key")
@@ -232,7 +209,7 @@ def _logging(log: LogConfig) -> None:
 
 def serve(config: FrontendConfig, log: LogConfig) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
-    from pd_serve.http_common import granian_server
+    from pd_serve.granian_server import granian_server
     from pd_serve.signals import relay_granian_signals
 
     _logging(log)

@@ -1,6 +1,6 @@
 """OpenAI-shaped error bodies the frontend itself produces: `{"error": {message, type, param, code}}`.
 
-The shape is `pd_serve.http_common.error_body`, the node's too; only the frontend's 502 and 504 (a
+The shape is `pd_serve.openai_errors.error_body`, the node's too; only the frontend's 502 and 504 (a
 node failed it) are typed "upstream_error". Errors relayed from a node pass through unchanged. Never
 a stack trace.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import orjson
 
-from pd_serve.http_common import error_body
+from pd_serve.openai_errors import error_body
 
 RETRY_AFTER_S = "1"
 _UPSTREAM_STATUSES = frozenset({502, 504})

@@ -1,5 +1,6 @@
 """The frontend's checks of a generation request's body before any node sees it: `parse_body` (a JSON
-object, no `pd`: only the frontend sets it, and nodes trust what the frontend sends), then its limits.
+object, no `pd`: only the frontend sets it, and nodes trust what the frontend sends), then its limits;
+and `prompt_text`, the prompt as both the limits and the pairing policies read it.
 
 `--max-prompt-chars` bounds the prompt's text in characters (the frontend does not tokenize; nodes
 refuse prompts past their context in tokens); `--max-output-tokens` bounds `max_tokens` and
@@ -17,7 +18,7 @@ from typing import Any
 import orjson
 
 from pd_serve.frontend.config import FrontendConfig
-from pd_serve.frontend.proxy import prompt_text
+from pd_serve.openai_errors import ErrorCode
 
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 
@@ -62,7 +63,7 @@ def check_limits(body: dict[str, Any], config: FrontendConfig) -> LimitError | N
                 f"{param}: the prompt has {chars} characters, over this frontend's limit of "
                 f"{config.max_prompt_chars} (--max-prompt-chars)",
                 param,
-                "prompt_too_long",
+                ErrorCode.PROMPT_TOO_LONG,
             )
     cap = config.max_output_tokens
     for name in _MAX_TOKEN_FIELDS if cap else ():
@@ -71,7 +72,7 @@ def check_limits(body: dict[str, Any], config: FrontendConfig) -> LimitError | N
             return LimitError(
                 f"{name}: {value} is over this frontend's limit of {cap} (--max-output-tokens)",
                 name,
-                "max_tokens_too_large",
+                ErrorCode.MAX_TOKENS_TOO_LARGE,
             )
     return None
 
@@ -82,3 +83,27 @@ def cap_output(body: dict[str, Any], config: FrontendConfig) -> bool:
         return False
     body["max_tokens"] = config.max_output_tokens
     return True
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The prompt's text as the policies see it: chat message contents, or the completion prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return "\n".join(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "\n".join(
+            p if isinstance(p, str) else " ".join(map(str, p)) if isinstance(p, list) else str(p)
+            for p in prompt
+        )
+    return ""
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only the text ones count
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""

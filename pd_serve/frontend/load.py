@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from pd_serve.openai_errors import ErrorCode
+
 
 class LoadTracker:
     def __init__(self) -> None:
@@ -73,10 +75,10 @@ class Admission:
     def admit(self, principal: int | None) -> AdmissionSlot | Refusal:
         if self.max_total and self.total >= self.max_total:
             return Refusal(503, f"the frontend is at its limit of {self.max_total} requests in flight "
-                           "(--max-concurrent-requests); retry later", "overloaded")
+                           "(--max-concurrent-requests); retry later", ErrorCode.OVERLOADED)
         if self.max_per_key and self._per_key[principal] >= self.max_per_key:
             return Refusal(429, f"this API key has {self.max_per_key} requests in flight, its limit "
-                           "(--max-concurrent-per-key); retry when one ends", "too_many_requests")
+                           "(--max-concurrent-per-key); retry when one ends", ErrorCode.TOO_MANY_REQUESTS)
         self.total += 1
         self._per_key[principal] += 1
         return AdmissionSlot(self, principal)

@@ -8,6 +8,9 @@ relayed stream chunks, the handoff gap the time between the first and the second
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
 from pd_serve.frontend.nodes import NodeSet
@@ -78,3 +81,24 @@ class FrontendMetrics:
         for role in ("prefill", "decode", "colocated"):
             self.live.labels(role=role).set(len(nodes.of_role(role)))
         return generate_latest(self.registry)
+
+
+@dataclass
+class Timing:
+    """One client request's clock across its attempts: its arrival and the chunks relayed so far."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    last_chunk: float = 0.0
+    chunks: int = 0
+
+    def chunk_sent(self, metrics: FrontendMetrics) -> None:
+        """A chunk reached the client: TTFT for the first, ITL after it, the handoff gap for the second."""
+        now = time.monotonic()
+        if self.chunks == 0:
+            metrics.ttft.observe(now - self.arrival)
+        else:
+            metrics.itl.observe(now - self.last_chunk)
+            if self.chunks == 1:
+                metrics.handoff.observe(now - self.last_chunk)
+        self.chunks += 1
+        self.last_chunk = now

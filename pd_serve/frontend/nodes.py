@@ -22,9 +22,9 @@ import httpx
 from pd_serve.frontend.breaker import BreakerState, CircuitBreaker
 from pd_serve.frontend.config import FrontendConfig
 from pd_serve.frontend.load import LoadTracker
+from pd_serve.kv_layout import KVLayout, LayoutError
 
 log = logging.getLogger(__name__)
-Layout = tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Node:
     node_id: str
     role: str  # prefill | decode | colocated
     url: str  # base URL of its HTTP API, no trailing slash
-    layout: Layout | None = None  # the KV layout fingerprint, as sorted items; None: unknown
+    layout: KVLayout | None = None  # None: unknown
     tp_size: int | None = None  # number of transfer endpoints; None: unknown (static mode)
     reported_queue: int = 0  # running + waiting as the node last reported it
 
@@ -41,15 +41,21 @@ class Node:
         return self.role in ("decode", "colocated")
 
 
-def layout_key(layout: dict[str, Any] | None) -> Layout | None:
-    return tuple(sorted(layout.items())) if isinstance(layout, dict) and layout else None
+def layout_key(layout: dict[str, Any] | None) -> KVLayout | None:
+    """A node's KV layout from its wire form; None when unknown (absent or incomplete)."""
+    if not isinstance(layout, dict) or not layout:
+        return None
+    try:
+        return KVLayout.from_value(layout)
+    except LayoutError:
+        return None
 
 
 def compatible(prefill: Node, decode: Node) -> bool:
     """Same layout (both known) and, where both are known, the same number of transfer endpoints."""
     if prefill.role != "prefill" or decode.role != "decode":
         return False
-    if prefill.layout is None or prefill.layout != decode.layout:
+    if prefill.layout is None or decode.layout is None or prefill.layout.difference(decode.layout) is not None:
         return False
     return prefill.tp_size is None or decode.tp_size is None or prefill.tp_size == decode.tp_size
 
@@ -113,7 +119,7 @@ class NodeSet:
                     "node_id": node.node_id,
                     "role": node.role,
                     "url": node.url,
-                    "layout": dict(node.layout) if node.layout else None,
+                    "layout": node.layout.to_dict() if node.layout else None,
                     "active": self.load.active(node.node_id),
                     "reported_queue": node.reported_queue,
                     "requests_total": self.load.total.get(node.node_id, 0),
@@ -133,7 +139,7 @@ def node_from_record(record: Any) -> Node:
         node_id=record.node_id,
         role=record.role,
         url=record.http_url.rstrip("/"),
-        layout=layout_key(record.layout.model_dump()),
+        layout=record.layout.value(),
         tp_size=len(record.transfer),
         reported_queue=record.load.running + record.load.waiting,
     )

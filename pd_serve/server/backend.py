@@ -15,19 +15,19 @@ responses.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
-from pd_serve.config import EngineConfig
-from pd_serve.engine.messages import EngineStats, RequestDelta
+from pd_serve.config import DisaggConfig, EngineConfig
+from pd_serve.engine.messages import EngineReady, EngineStats, RequestDelta
 from pd_serve.engine.sampling_params import SamplingParams
 from pd_serve.server.errors import bad_request
-from pd_serve.server.schemas import PDSpec
+from pd_serve.server.schemas import PDParams
 
 
 class NodeBackend(Protocol):
     role: str
 
-    async def start(self) -> dict[str, Any]: ...
+    async def start(self) -> EngineReady: ...
 
     async def join(self) -> None:
         """Start being offered work (join the bootstrap registry): once the whole node is ready."""
@@ -43,11 +43,11 @@ class NodeBackend(Protocol):
     @property
     def engine_pid(self) -> int | None: ...
 
-    def check_pd(self, pd: PDSpec | None) -> None:
+    def check_pd(self, pd: PDParams | None) -> None:
         """Raise APIError if this node cannot serve a request with this `pd` (or without one)."""
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDSpec | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDParams | None = None
     ) -> AsyncIterator[RequestDelta]: ...
 
     async def stats(self) -> EngineStats: ...
@@ -64,12 +64,13 @@ class ColocatedBackend:
 
     role = "colocated"
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, disagg: DisaggConfig | None = None) -> None:
+        """`disagg`: the prefill and decode roles' engine, which also runs a transfer engine."""
         from pd_serve.engine.client import EngineClient
 
-        self.client = EngineClient(config)
+        self.client = EngineClient(config, disagg=disagg)
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> EngineReady:
         return await self.client.start()
 
     async def shutdown(self) -> None:
@@ -89,7 +90,7 @@ class ColocatedBackend:
     def engine_pid(self) -> int | None:
         return self.client.pid
 
-    def check_pd(self, pd: PDSpec | None) -> None:
+    def check_pd(self, pd: PDParams | None) -> None:
         if pd is not None:
             raise bad_request(
                 "pd",
@@ -98,7 +99,7 @@ class ColocatedBackend:
             )
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDSpec | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDParams | None = None
     ) -> AsyncIterator[RequestDelta]:
         self.check_pd(pd)
         return self.client.generate(request_id, prompt_ids, params)

@@ -130,7 +130,7 @@ def serve(
 ) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code. `target_loader` builds the app in the
     worker (default: the colocated node's); the prefill and decode roles pass their own."""
-    from pd_serve.http_common import granian_server
+    from pd_serve.granian_server import granian_server
 
     setup_logging(log.role, log.level, log.fmt)
     granian = granian_server("pd_serve.server.app:create_app", server.host, server.port, log.level,

@@ -1,7 +1,7 @@
 """OpenAI-shaped API errors: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
 
 Every failure a client can cause is an `APIError` raised where it is found; the app turns it (and
-FastAPI's validation and routing errors) into a JSON body of this shape (`http_common.error_body`,
+FastAPI's validation and routing errors) into a JSON body of this shape (`openai_errors.error_body`,
 shared with the frontend). Nothing here ever puts a stack trace in a response.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pd_serve.http_common import error_body
+from pd_serve.openai_errors import ErrorCode, error_body
 
 
 class APIError(Exception):
@@ -34,5 +34,5 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
-def bad_request(param: str | None, message: str, code: str | None = "invalid_value") -> APIError:
+def bad_request(param: str | None, message: str, code: str | None = ErrorCode.INVALID_VALUE) -> APIError:
     return APIError(400, message, param=param, code=code)

@@ -19,21 +19,21 @@ import json
 
 import orjson
 
+from pd_serve.cluster_token import CLUSTER_TOKEN_HEADER
 from pd_serve.http_common import (
-    CLUSTER_TOKEN_HEADER,
     ASGIApp,
     BodyCut,
     GuardMiddleware,
     Receive,
     Scope,
     Send,
-    error_body,
     header_value,
     read_body,
     replay,
     reply,
     token_ok,
 )
+from pd_serve.openai_errors import ErrorCode, error_body
 from pd_serve.server.metrics import NodeMetrics
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
@@ -61,8 +61,8 @@ def guard(
         max_body_bytes,
         count,
         open_paths=OPEN_PATHS,
-        unauthorized=orjson.dumps(error_body(401, _UNAUTHORIZED, code="invalid_api_key")),
-        too_large=orjson.dumps(error_body(413, too_large, code="request_too_large")),
+        unauthorized=orjson.dumps(error_body(401, _UNAUTHORIZED, code=ErrorCode.INVALID_API_KEY)),
+        too_large=orjson.dumps(error_body(413, too_large, code=ErrorCode.REQUEST_TOO_LARGE)),
     )
 
 
@@ -113,9 +113,9 @@ def carries_pd(body: bytes) -> bool:
 
 async def _refuse(send: Send, given: bytes | None, what: str) -> None:
     if given is None:
-        status, code, problem = 401, "missing_cluster_token", f"header {_HEADER_NAME} is missing"
+        status, code, problem = 401, ErrorCode.MISSING_CLUSTER_TOKEN, f"header {_HEADER_NAME} is missing"
     else:
-        status, code, problem = 403, "invalid_cluster_token", f"header {_HEADER_NAME} does not hold the cluster token"
+        status, code, problem = 403, ErrorCode.INVALID_CLUSTER_TOKEN, f"header {_HEADER_NAME} does not hold the cluster token"
     body = error_body(status, f"{what}: {problem} {_HOW}", param="pd" if "pd" in what else None, code=code)
     if status == 403:
         body["error"]["type"] = "permission_error"

@@ -15,8 +15,8 @@ from functools import partial
 from typing import Any
 
 from pd_serve import cli_config
+from pd_serve.cluster_token import read_cluster_token
 from pd_serve.config import ConfigError, DisaggConfig, EngineConfig
-from pd_serve.http_common import read_cluster_token
 from pd_serve.logs import LogConfig, setup_logging
 from pd_serve.server import cli as node_cli
 from pd_serve.server.config import ServerConfig, ServerConfigError
@@ -102,7 +102,7 @@ def build_app(
     """Runs in the Granian worker: the app and its (not yet started) role backend."""
     import logging
 
-    from pd_serve.http_common import warn_if_open
+    from pd_serve.cluster_token import warn_if_open
     from pd_serve.server.app import create_app
     from pd_serve.server.roles import DecodeBackend, PrefillBackend
     from pd_serve.server.state import NodeState

@@ -25,29 +25,28 @@ import httpx
 
 from pd_serve.config import DisaggConfig, EngineConfig
 from pd_serve.engine import messages as m
+from pd_serve.engine.messages import EngineReady
 from pd_serve.engine.sampling_params import SamplingParams
+from pd_serve.kv_layout import KVLayout
+from pd_serve.openai_errors import ErrorCode
 from pd_serve.server.backend import ColocatedBackend
 from pd_serve.server.errors import bad_request
-from pd_serve.server.schemas import PDSpec
+from pd_serve.server.schemas import PDParams
 
 log = logging.getLogger(__name__)
 PEER_LOOKUP_TIMEOUT_S = 5.0
-CONNECT_FAILURE = "cannot connect to "  # the transfer engine's reason (transfer/receiving.py)
-# The error code of a decode node's refusal when the request's prefill node cannot be reached for
-# the KV (gone from the registry, or its transfer endpoint refuses): the frontend blames that node.
-PREFILL_UNREACHABLE = "prefill_unreachable"
 
 
 class IncompatibleNode(RuntimeError):
     pass
 
 
-def _layout_difference(mine: dict[str, Any], theirs: dict[str, Any], node_id: str) -> str | None:
+def _layout_difference(mine: KVLayout, theirs: KVLayout, node_id: str) -> str | None:
     """The first differing layout field, named, or None when the two nodes can pair."""
-    field = next((k for k in mine if mine[k] != theirs.get(k)), None)
-    if field is None:
+    diff = mine.difference(theirs)
+    if diff is None:
         return None
-    return f"{field} is {theirs.get(field)!r} on node {node_id!r} and {mine[field]!r} here"
+    return f"{diff.field} is {diff.theirs!r} on node {node_id!r} and {diff.mine!r} here"
 
 
 @dataclass(frozen=True)
@@ -64,16 +63,14 @@ class _RoleBackend(ColocatedBackend):
     role = "disaggregated"
 
     def __init__(self, config: EngineConfig, disagg: DisaggConfig, registration: Registration) -> None:
-        from pd_serve.engine.client import EngineClient
-
-        self.client = EngineClient(config, disagg=disagg)
+        super().__init__(config, disagg)
         self.disagg = disagg
         self.registration = registration
-        self.info: dict[str, Any] = {}
+        self.info: EngineReady | None = None
         self._bootstrap: Any = None
         self._keeper: Any = None
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> EngineReady:
         self.info = await self.client.start()
         return self.info
 
@@ -103,17 +100,18 @@ class _RoleBackend(ColocatedBackend):
 
     async def _register(self) -> None:
         from pd_serve.bootstrap.client import BootstrapClient, NodeKeeper
-        from pd_serve.bootstrap.records import Capacity, KVLayout, NodeRegistration, TransferEndpoint
+        from pd_serve.bootstrap.records import Capacity, KVLayoutRecord, NodeRegistration, TransferEndpoint
 
-        reg = self.registration
-        assert reg.bootstrap_url is not None
+        reg, info = self.registration, self.info
+        assert reg.bootstrap_url is not None and info is not None and info.transfer_backend is not None
+        assert info.transfer_endpoint is not None  # a prefill or decode engine has one
         self._bootstrap = BootstrapClient(reg.bootstrap_url, token=reg.token)
         body = NodeRegistration(
             role=self.disagg.role,  # type: ignore[arg-type]
             http_url=reg.http_url,
-            transfer=[TransferEndpoint(backend=self.info["transfer_backend"], address=self.info["transfer_endpoint"])],
-            layout=KVLayout(**self.info["layout"]),
-            capacity=Capacity(total_pages=self.info["num_pages"], max_running_requests=self.info["max_running_requests"]),
+            transfer=[TransferEndpoint(backend=info.transfer_backend, address=info.transfer_endpoint)],
+            layout=KVLayoutRecord(**info.layout.to_dict()),
+            capacity=Capacity(total_pages=info.num_pages, max_running_requests=info.max_running_requests),
         )
         await self._check_peers()
         self._keeper = NodeKeeper(self._bootstrap, reg.node_id, body, load_fn=self._load)
@@ -124,7 +122,8 @@ class _RoleBackend(ColocatedBackend):
         """Refuse to join when peers of the other role exist and none can exchange KV with us."""
         other = "decode" if self.disagg.role == "prefill" else "prefill"
         peers = (await self._bootstrap.list_nodes(role=other)).nodes
-        problems = [_layout_difference(self.info["layout"], p.layout.model_dump(), p.node_id) for p in peers]
+        assert self.info is not None
+        problems = [_layout_difference(self.info.layout, p.layout.value(), p.node_id) for p in peers]
         if peers and all(problems):
             raise IncompatibleNode(
                 f"refusing to join as a {self.disagg.role} node: no registered {other} node can exchange KV "
@@ -138,14 +137,14 @@ class _RoleBackend(ColocatedBackend):
 
         s = self.client.last_stats
         if s is None:
-            return Load(running=0, waiting=0, free_pages=self.info.get("num_pages", 0))
+            return Load(running=0, waiting=0, free_pages=self.info.num_pages if self.info else 0)
         return Load(running=s.num_running + s.num_in_transfer, waiting=s.num_waiting, free_pages=s.num_free_pages)
 
 
 class PrefillBackend(_RoleBackend):
     role = "prefill"
 
-    def check_pd(self, pd: PDSpec | None) -> None:
+    def check_pd(self, pd: PDParams | None) -> None:
         if pd is None:
             raise bad_request(
                 "pd",
@@ -154,7 +153,7 @@ class PrefillBackend(_RoleBackend):
             )
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDSpec | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDParams | None = None
     ) -> AsyncIterator[m.RequestDelta]:
         self.check_pd(pd)
         assert pd is not None
@@ -173,7 +172,7 @@ class DecodeBackend(_RoleBackend):
         await self._http.aclose()
         await super().shutdown()
 
-    def check_pd(self, pd: PDSpec | None) -> None:
+    def check_pd(self, pd: PDParams | None) -> None:
         if pd is not None and not self.registration.bootstrap_url and not pd.prefill_url:
             raise bad_request(
                 "pd",
@@ -182,7 +181,7 @@ class DecodeBackend(_RoleBackend):
             )
 
     async def generate(  # type: ignore[override]
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDSpec | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, pd: PDParams | None = None
     ) -> AsyncIterator[m.RequestDelta]:
         self.check_pd(pd)
         spec = None
@@ -194,16 +193,15 @@ class DecodeBackend(_RoleBackend):
                 return
             spec = m.PDSpec(pd.room, endpoint)
         async for delta in self.client.generate(request_id, prompt_ids, params, pd=spec):
-            if pd is not None and delta.error and delta.error.startswith(CONNECT_FAILURE):
+            if pd is not None and delta.error and delta.error_code == ErrorCode.PREFILL_UNREACHABLE:
+                # the engine's room could not reach the prefill node's transfer endpoint: that node's
+                # fault, not this node's, so the frontend retries without it
                 if self._peers:
                     self._peers.invalidate(pd.prefill)  # a restarted prefill node listens on a new port
-                # the prefill node's fault, not this node's: the frontend retries without that node
-                delta = dataclasses.replace(
-                    delta, error=f"prefill node {pd.prefill!r}: {delta.error}", error_code=PREFILL_UNREACHABLE
-                )
+                delta = dataclasses.replace(delta, error=f"prefill node {pd.prefill!r}: {delta.error}")
             yield delta
 
-    async def _peer_endpoint(self, pd: PDSpec) -> tuple[str | None, str, str | None, str | None]:
+    async def _peer_endpoint(self, pd: PDParams) -> tuple[str | None, str, str | None, str | None]:
         """The prefill node's transfer endpoint, or None, why not, and the refusal's error param and
         code: param "pd" for a bad request; no param for a cluster problem (a registry that cannot
         answer now: 503, and the frontend tries another pair). With the bootstrap service
@@ -215,7 +213,7 @@ class DecodeBackend(_RoleBackend):
                 endpoint = r.json().get("transfer_endpoint")
             except (httpx.HTTPError, ValueError) as exc:
                 problem = f"prefill node {pd.prefill_url}: /server_info failed: {exc}"
-                return None, problem, None, PREFILL_UNREACHABLE
+                return None, problem, None, ErrorCode.PREFILL_UNREACHABLE
             if not endpoint:
                 problem = f"prefill node {pd.prefill_url} reports no transfer endpoint (is it a prefill node?)"
                 return None, problem, "pd", None
@@ -228,7 +226,7 @@ class DecodeBackend(_RoleBackend):
             record = await self._peers.get(pd.prefill)
         except NodeNotFound as exc:
             problem = f"prefill node {pd.prefill!r} is not in the bootstrap registry: {exc}"
-            return None, problem, None, PREFILL_UNREACHABLE
+            return None, problem, None, ErrorCode.PREFILL_UNREACHABLE
         except BootstrapError as exc:
             stale = self._peers.cached(pd.prefill)
             if stale is None:
@@ -237,7 +235,8 @@ class DecodeBackend(_RoleBackend):
             record = stale
         if record.role != "prefill" or not record.transfer:
             return None, f"node {pd.prefill!r} is a {record.role} node, not a prefill node", "pd", None
-        difference = _layout_difference(self.info["layout"], record.layout.model_dump(), pd.prefill)
+        assert self.info is not None
+        difference = _layout_difference(self.info.layout, record.layout.value(), pd.prefill)
         if difference is not None:
             return None, f"incompatible KV layout: {difference}", "pd", None
         return record.transfer[0].address, "", None, None

@@ -41,7 +41,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class PDSpec(_Body):
+class PDParams(_Body):
     """Which prefill/decode pair serves a disaggregated request, and its transfer room."""
 
     model_config = ConfigDict(extra="forbid")
@@ -90,7 +90,7 @@ class _GenerationRequest(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    pd: PDSpec | None = None
+    pd: PDParams | None = None
 
     @property
     def include_usage(self) -> bool:

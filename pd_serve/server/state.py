@@ -7,7 +7,7 @@ and /health 503), and then, with `--drain-timeout N` > 0, leaves the bootstrap r
 generation requests in flight run on for at most N seconds (a second drain call cuts that short)
 before it shuts the backend down, so every request still open gets its finished delta ("abort");
 `stop()` (the lifespan's shutdown) drains if that has not happened, cutting a drain's wait short,
-gives open streams a moment to write their last chunk, and stops the tokenizer thread. `Admission`
+gives open streams a moment to write their last chunk, and stops the tokenizer thread. `NodeAdmission`
 counts engine requests in flight and refuses past `--max-running-requests + --max-queued-requests`
 with a 503.
 """
@@ -22,9 +22,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pd_serve.config import EngineConfig
+from pd_serve.engine.messages import EngineReady
+from pd_serve.openai_errors import ErrorCode
 from pd_serve.server.backend import NodeBackend
 from pd_serve.server.config import ServerConfig
 from pd_serve.server.errors import APIError
@@ -39,7 +40,7 @@ DRAINED_SIGNAL = signal.SIGUSR2  # API process -> supervisor: a --drain-timeout 
 DRAIN_POLL_S = 0.05
 
 
-class Admission:
+class NodeAdmission:
     """Engine requests in flight on this node, against a limit."""
 
     def __init__(self, limit: int) -> None:
@@ -54,14 +55,14 @@ class Admission:
                 f"this request needs {n} engine requests (prompts x n), more than this node ever holds: "
                 f"{self.limit} (--max-running-requests + --max-queued-requests); send fewer prompts or a smaller n",
                 param="n",
-                code="too_many_choices",
+                code=ErrorCode.TOO_MANY_CHOICES,
             )
         if self.in_flight + n > self.limit:
             raise APIError(
                 503,
                 f"the node is full: {self.in_flight} requests in flight, limit {self.limit} "
                 "(--max-running-requests + --max-queued-requests); retry later",
-                code="queue_full",
+                code=ErrorCode.QUEUE_FULL,
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
 
@@ -76,7 +77,7 @@ class Admission:
 class Ticket:
     """Slots taken by one HTTP request; released one per finished engine request, the rest at the end."""
 
-    def __init__(self, admission: Admission, n: int) -> None:
+    def __init__(self, admission: NodeAdmission, n: int) -> None:
         self._admission = admission
         self.held = n
 
@@ -112,9 +113,9 @@ class NodeState:
     backend: NodeBackend
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
     tokenization: Tokenization | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    info: EngineReady | None = None  # once the engine is ready
     _limits: EngineLimits | None = None
-    admission: Admission = field(default_factory=lambda: Admission(0))
+    admission: NodeAdmission = field(default_factory=lambda: NodeAdmission(0))
     draining: bool = False
     open_streams: int = 0
     generations: int = 0  # generation HTTP requests in flight (the app's `CountGenerations` counts them)
@@ -132,7 +133,7 @@ class NodeState:
     @property
     def limits(self) -> EngineLimits:
         if self._limits is None:
-            raise APIError(503, "the node is still starting", code="starting")
+            raise APIError(503, "the node is still starting", code=ErrorCode.STARTING)
         return self._limits
 
     @property
@@ -142,7 +143,7 @@ class NodeState:
     @property
     def tokenizer(self) -> Tokenization:
         if self.tokenization is None:
-            raise APIError(503, "the node is still starting", code="starting")
+            raise APIError(503, "the node is still starting", code=ErrorCode.STARTING)
         return self.tokenization
 
     async def start(self) -> None:
@@ -159,14 +160,14 @@ class NodeState:
         self.tokenization = await tok_task
         stats = await self.backend.stats()
         self._limits = EngineLimits(
-            max_model_len=int(self.info["max_model_len"]),
+            max_model_len=self.info.max_model_len,
             kv_capacity_tokens=stats.num_total_pages * stats.page_size,
             vocab_size=_vocab_size(model_dir, len(self.tokenization.tokenizer)),
         )
         limit = self.engine_config.max_running_requests + self.config.max_queued_requests
-        self.admission = Admission(limit)
+        self.admission = NodeAdmission(limit)
         await self.backend.join()  # last: the frontend may send work as soon as it sees the node
-        memory = self.info.get("memory") or {}
+        memory = self.info.memory
         log.info("node ready: %s, model %s, max_model_len %d, weights %.1f MiB, KV pools %.1f MiB",
                  self.backend.role, self.model_name, self.max_model_len,
                  memory.get("weights_bytes", 0) / (1 << 20), memory.get("kv_cache_bytes", 0) / (1 << 20))

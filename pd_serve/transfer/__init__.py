@@ -3,8 +3,10 @@
 The transfer layer knows tensors, page ids and rooms, never requests. One `TransferEngine` per
 node owns the pools (per layer one K and one V tensor `[num_pages, page_size, num_kv_heads,
 head_dim]`), a listening endpoint and its own thread with an asyncio loop; every network byte
-moves there. All methods below are called from the engine's scheduler thread, are cheap, and
-never block on the network. They raise ValueError/RuntimeError only for caller mistakes.
+moves there, in a `TransferLoop` (loop.py) that holds the room table, the handshake, the send path
+and the receive path as members. All methods below are called from the engine's scheduler thread,
+are cheap, and never block on the network. They raise ValueError/RuntimeError only for caller
+mistakes.
 
 Call order
 ----------
@@ -49,10 +51,10 @@ only once no write into them can happen any more).
 Failure: every non-terminal state has a timeout (`bootstrap_timeout`, `waiting_timeout`,
 `transfer_timeout`, the last restarted by progress); a lost connection fails all its rooms; in
 a connection's handshake (within `connect_timeout`) both ends prove they hold the cluster token by
-HMAC challenge-response over fresh nonces and the token never crosses the wire (`handshake.py`;
-no token on either end: no proofs; a token on one end only: refused); the layout fingerprint is
-checked per room; a second request for a room is refused; messages for unknown or finished rooms
-are dropped and counted (`te.stats()`).
+HMAC challenge-response over fresh nonces and the token never crosses the wire (`handshake.py`,
+`auth.py`; no token on either end: no proofs; a token on one end only: refused); the layout
+fingerprint is checked per room; a second request for a room is refused; messages for unknown or
+finished rooms are dropped and counted (`te.stats()`).
 
 Data planes: `tcp` (bytes on the control socket, any two hosts), `cma` (same host only: the
 receiver pulls pages with process_vm_readv, one copy), `ucx` (UCX tag messages; settings and measured
@@ -64,9 +66,9 @@ transfer thread sleeps in epoll.
 
 from __future__ import annotations
 
+from pd_serve.kv_layout import KVLayout
 from pd_serve.transfer.config import (
     BACKENDS,
-    LayoutFingerprint,
     RoomState,
     TransferConfig,
     TransferConfigError,
@@ -81,7 +83,7 @@ __all__ = [
     "Destination",
     "KVReceiver",
     "KVSender",
-    "LayoutFingerprint",
+    "KVLayout",
     "RoomState",
     "TransferConfig",
     "TransferConfigError",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pd_serve.transfer.connection import Connection
+from pd_serve.transfer.handshake import host_id
 from pd_serve.transfer.messages import Data, Hello, HelloReply
 from pd_serve.transfer.plane import DataPlane
 
@@ -98,8 +99,6 @@ class CmaPlane(DataPlane):
         return {}
 
     def refusal(self, peer: Hello | HelloReply) -> str | None:
-        from pd_serve.transfer.node import host_id
-
         here = host_id()
         if peer.host_id != here:
             return f"cma needs both engines on one host; peer host {str(peer.host_id)[:80]!r} is not {here!r}"

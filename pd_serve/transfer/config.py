@@ -7,8 +7,7 @@ import the engine; the engine hands the transfer layer tensors, page ids and the
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 PLANES = ("cma", "ucx", "tcp")  # the data planes, in the order `auto` prefers them
 BACKENDS = ("auto", *PLANES)  # what --transfer-backend takes: auto, or one plane forced
@@ -82,41 +81,3 @@ class RoomState(enum.IntEnum):
     def terminal(self) -> bool:
         return self in (RoomState.FAILED, RoomState.SUCCESS)
 
-
-@dataclass(frozen=True)
-class LayoutFingerprint:
-    """What two nodes must agree on to exchange KV pages (ARCHITECTURE.md, KV layout)."""
-
-    architecture: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
-    page_size: int
-    config_hash: str
-
-    @classmethod
-    def from_value(cls, value: Any) -> LayoutFingerprint:
-        """Accepts a LayoutFingerprint, a dict, or any object with the same attributes (KVLayout)."""
-        if isinstance(value, cls):
-            return value
-        names = [f.name for f in fields(cls)]
-        get = value.get if isinstance(value, dict) else lambda n: getattr(value, n, None)
-        missing = [n for n in names if get(n) is None]
-        if missing:
-            raise TransferConfigError(f"fingerprint: missing field(s) {', '.join(missing)}")
-        values: dict[str, Any] = {n: get(n) for n in names}
-        values["dtype"] = str(values["dtype"]).removeprefix("torch.")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def mismatch(self, theirs: LayoutFingerprint) -> str | None:
-        """A readable reason naming the first differing field, or None when compatible."""
-        mine = self.to_dict()
-        other = theirs.to_dict()
-        for name, value in mine.items():
-            if other[name] != value:
-                return f"layout mismatch: {name} is {value!r} here and {other[name]!r} on the peer"
-        return None

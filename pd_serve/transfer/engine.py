@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
-from pd_serve.transfer.config import LayoutFingerprint, TransferConfig
+from pd_serve.intmath import div_ceil
+from pd_serve.kv_layout import KVLayout
+from pd_serve.transfer.config import TransferConfig
 from pd_serve.transfer.handles import KVReceiver, KVSender
 from pd_serve.transfer.layout import PoolSet
-from pd_serve.transfer.node import Node
+from pd_serve.transfer.loop import TransferLoop
 from pd_serve.transfer.plane import start_planes
 from pd_serve.transfer.room import Destination, Room
 
@@ -31,13 +33,13 @@ class TransferEngine:
         self, config: TransferConfig, pools: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: Any
     ) -> None:
         self.config = config
-        self.fingerprint = LayoutFingerprint.from_value(fingerprint)
+        self.fingerprint = KVLayout.from_value(fingerprint)
         self.pools = PoolSet(list(pools), self.fingerprint)
         if self.pools.device.type != "cpu" and config.backend in ("tcp", "cma"):
             raise ValueError(
                 f"backend: {config.backend!r} moves host memory only; use ucx for {self.pools.device} pools"
             )
-        self._node: Node | None = None
+        self._transfer: TransferLoop | None = None  # lives on the loop thread, from _startup()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -89,8 +91,8 @@ class TransferEngine:
         lsock.setblocking(False)
         self._lsock = lsock
         self._port = lsock.getsockname()[1]
-        self._node = Node(self.config, self.pools, planes)
-        self._node.spawn(self._node.serve(lsock))
+        self._transfer = TransferLoop(self.config, self.pools, planes)
+        self._transfer.spawn(self._transfer.serve(lsock))
 
     @property
     def endpoint(self) -> str:
@@ -100,14 +102,15 @@ class TransferEngine:
         return f"{self.config.backend}://{self.config.host}:{self._port}"
 
     def close(self, timeout: float = 10.0) -> None:
-        """Fail nothing gracefully: drop connections, stop the loop, join the thread."""
-        loop, node = self._loop, self._node
+        """Stop at once, without waiting for rooms in flight: cancel the loop's tasks, close every
+        connection (the rooms bound to one fail) and data plane, stop the loop, join the thread."""
+        loop, transfer = self._loop, self._transfer
         if loop is None or self._thread is None or not self._thread.is_alive():
             return
 
         async def shutdown() -> None:
-            if node is not None:
-                await node.close()
+            if transfer is not None:
+                await transfer.close()
             self._lsock.close()
             loop.stop()
 
@@ -149,7 +152,7 @@ class TransferEngine:
         self.pools.check_pages(pages, "dst_page_ids")
         if len(set(pages)) != len(pages):
             raise ValueError("dst_page_ids: contains a page id twice")
-        needed = -(-int(expected_tokens) // self.fingerprint.page_size)
+        needed = div_ceil(int(expected_tokens), self.fingerprint.page_size)
         if expected_tokens < 1 or needed > len(pages):
             raise ValueError(
                 f"expected_tokens: {expected_tokens} needs {needed} pages, dst_page_ids has {len(pages)}"
@@ -161,50 +164,52 @@ class TransferEngine:
             destination=Destination(pages, int(expected_tokens), prompt_hash),
         )
         self._claim("receiver", record)
-        self._call(self._node_call("add_receiver"), record, peer_endpoint)
-        return KVReceiver(record, self._call, self._node)
+        transfer = self._running()
+        self._call(transfer.receive.add, record, peer_endpoint)
+        return KVReceiver(record, self._call, transfer)
 
     def sender(self, room: int) -> KVSender:
         """Prefill side: the handle for `room`; its destination arrives from the receiver."""
         record = Room(int(room), "sender", self.config)
         self._claim("sender", record)
-        self._call(self._node_call("add_sender"), record)
-        return KVSender(record, self._call, self._node, self.pools.num_layers, self.pools.num_pages)
+        transfer = self._running()
+        self._call(transfer.send.add, record)
+        return KVSender(record, self._call, transfer, self.pools.num_layers, self.pools.num_pages)
 
-    def _node_call(self, name: str) -> Any:
-        if self._node is None:
+    def _running(self) -> TransferLoop:
+        if self._transfer is None:
             raise RuntimeError("transfer engine is not running; call start() first")
-        return getattr(self._node, name)
+        return self._transfer
 
     @property
     def backends(self) -> list[str]:
         """The data planes this engine offers, best first (known after start())."""
-        return list(self._node.planes) if self._node is not None else []
+        return list(self._transfer.planes) if self._transfer is not None else []
 
     def peers(self) -> dict[str, str]:
         """Open control connections ("to <endpoint>" / "from <address>") and the plane each uses."""
-        return dict(self._node.peer_backends) if self._node is not None else {}
+        return dict(self._transfer.peer_backends) if self._transfer is not None else {}
 
     def plane_stats(self) -> dict[str, dict[str, int]]:
         """Per offered plane: open connections, rooms succeeded and failed on it since start."""
-        node = self._node
-        if node is None:
+        transfer = self._transfer
+        if transfer is None:
             return {}
-        used = list(node.peer_backends.values())
-        rooms = dict(node.plane_rooms)
+        used = list(transfer.peer_backends.values())
+        rooms = dict(transfer.rooms.plane_rooms)
         return {
             name: {
                 "connections": used.count(name),
                 "rooms_succeeded": rooms.get((name, "succeeded"), 0),
                 "rooms_failed": rooms.get((name, "failed"), 0),
             }
-            for name in node.planes
+            for name in transfer.planes
         }
 
     def stats(self) -> dict[str, int]:
         """Counters (dropped_messages, failed_rooms, sent_bytes, ...) and the live room gauges
         (live_senders, live_receivers, pending_room_requests: 0 when idle); a snapshot, may lag."""
-        node = self._node
-        if node is None:
+        transfer = self._transfer
+        if transfer is None:
             return {}
-        return {**node.stats, **node.gauges()}
+        return {**transfer.stats, **transfer.gauges()}

@@ -10,14 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from pd_serve.transfer.config import RoomState
+from pd_serve.transfer.loop import TransferLoop
 from pd_serve.transfer.room import Destination, Room
 
 
 class _Handle:
-    def __init__(self, room: Room, call: Callable[..., None], node: Any) -> None:
+    def __init__(self, room: Room, call: Callable[..., None], transfer: TransferLoop) -> None:
         self._room = room
         self._call = call  # runs a function on the transfer loop thread
-        self._node = node
+        self._transfer = transfer
 
     @property
     def room(self) -> int:
@@ -31,9 +32,14 @@ class _Handle:
     def failure_reason(self) -> str | None:
         return self._room.failure_reason if self.poll() is RoomState.FAILED else None
 
+    @property
+    def peer_unreachable(self) -> bool:
+        """Failed because the peer's transfer endpoint could not be reached (receiver only)."""
+        return self._room.peer_unreachable and self.poll() is RoomState.FAILED
+
     def abort(self, reason: str = "aborted by the engine") -> None:
         """Fail the room here and tell the peer; a no-op once the room is terminal."""
-        self._call(self._node.abort, self._room, reason)
+        self._call(self._transfer.rooms.abort, self._room, reason)
 
 
 class KVReceiver(_Handle):
@@ -52,9 +58,9 @@ class KVSender(_Handle):
     """Prefill side: learns the destination, sends pages (all or per layer range), then finishes."""
 
     def __init__(
-        self, room: Room, call: Callable[..., None], node: Any, num_layers: int, num_pages: int
+        self, room: Room, call: Callable[..., None], transfer: TransferLoop, num_layers: int, num_pages: int
     ) -> None:
-        super().__init__(room, call, node)
+        super().__init__(room, call, transfer)
         self._num_layers, self._num_pages = num_layers, num_pages
         self._finished = False
 
@@ -84,7 +90,7 @@ class KVSender(_Handle):
         bad = next((p for p in pages if not 0 <= p < self._num_pages), None)
         if bad is not None:
             raise ValueError(f"src_page_ids: page id {bad} is outside 0..{self._num_pages - 1}")
-        self._call(self._node.queue_send, self._room, pages, span, first_page)
+        self._call(self._transfer.send.queue_send, self._room, pages, span, first_page)
 
     def _layers(self, layers: range | tuple[int, int] | None) -> range:
         span = (
@@ -103,4 +109,4 @@ class KVSender(_Handle):
         if self._finished:
             raise RuntimeError(f"room {self.room}: finish() called twice")
         self._finished = True
-        self._call(self._node.queue_finish, self._room, int(first_token), first_token_logprobs)
+        self._call(self._transfer.send.queue_finish, self._room, int(first_token), first_token_logprobs)

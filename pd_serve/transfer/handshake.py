@@ -1,5 +1,5 @@
-"""The control connection's handshake (a mixin of `Node`): both ends prove they hold the cluster
-token, the token never crosses the wire, and they agree on the data plane of the connection.
+"""The control connection's handshake (a member of `TransferLoop`): both ends prove they hold the
+cluster token, the token never crosses the wire, and they agree on the data plane of the connection.
 
 The receiver side connects (the initiator) to the sender side (the acceptor):
 
@@ -17,28 +17,33 @@ The receiver side connects (the initiator) to the sender side (the acceptor):
 
 One label per direction, so that a proof cannot be reflected back; 32 fresh random bytes of nonce
 from each side, so that a proof is good for one connection only; both offers and the choice inside
-the proofs, so that nobody between the two can steer the choice. The receiver checks the sender's
-proof before it runs any plane set-up or shows its own; the sender takes no room message before the
-third frame (`conn.hello` stays None until the handshake is complete on that side), and sets its
-plane up only then. The third frame costs no round trip: the receiver's first RoomRequest follows
-it at once. Without a token on either end (`auth` False) there are no nonce_s and no proofs; a
-token on one end only is refused. This module must never send or log the token, an expected
-proof, or any function of the token alone.
+the proofs (auth.py), so that nobody between the two can steer the choice. The receiver checks the
+sender's proof before it runs any plane set-up or shows its own; the sender takes no room message
+before the third frame (`conn.hello` stays None until the handshake is complete on that side), and
+sets its plane up only then. The third frame costs no round trip: the receiver's first RoomRequest
+follows it at once. Without a token on either end (`auth` False) there are no nonce_s and no
+proofs; a token on one end only is refused. This module must never send or log the token, an
+expected proof, or any function of the token alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 import os
-import secrets
+import socket
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, NoReturn
 
-import orjson
-
+from pd_serve.transfer.auth import (
+    new_nonce,
+    proof,
+    proof_matches,
+    token_mismatch,
+    token_setting_refusal,
+    valid_nonce,
+)
 from pd_serve.transfer.config import TransferConfig
 from pd_serve.transfer.connection import Connection, ConnectionClosed
 from pd_serve.transfer.messages import PROTOCOL_VERSION, Hello, HelloProof, HelloReply, MessageError
@@ -46,67 +51,17 @@ from pd_serve.transfer.plane import DataPlane
 
 log = logging.getLogger(__name__)
 
-NONCE_BYTES = 32
-_LABELS = {"sender": "pd-serve transfer: sender proof", "receiver": "pd-serve transfer: receiver proof"}
 REASON_CHARS = 300  # a refusal quoting a peer's fields is cut to this in logs and answers
-TOKEN_HINT = "set the same --cluster-token-file or PD_SERVE_CLUSTER_TOKEN on every node"
 
 
-def new_nonce() -> str:
-    return secrets.token_bytes(NONCE_BYTES).hex()
-
-
-def valid_nonce(nonce: object) -> bool:
-    return isinstance(nonce, str) and 32 <= len(nonce) <= 256  # 16 to 128 random bytes, hex
-
-
-def proof(
-    token: str, prover: str, hello: Hello, sender_nonce: str, sender_host: str, offer: list[str], choice: str
-) -> str:
-    """The MAC `prover` ("sender" or "receiver") shows on the connection that `hello` opened;
-    `offer`: the reply's backends; `choice`: the receiver's (the sender proves with "")."""
-    fields = [
-        _LABELS[prover],
-        hello.version,
-        hello.backends,
-        offer,
-        choice,
-        hello.nonce,
-        sender_nonce,
-        hello.host_id,
-        sender_host,
-    ]
-    return hmac.new(token.encode(), orjson.dumps(fields), hashlib.sha256).hexdigest()
-
-
-def proof_matches(
-    token: str,
-    prover: str,
-    hello: Hello,
-    sender_nonce: Any,
-    sender_host: str,
-    offer: list[str],
-    choice: str,
-    got: Any,
-) -> bool:
-    if not (isinstance(got, str) and valid_nonce(sender_nonce)):
-        return False
-    expected = proof(token, prover, hello, sender_nonce, sender_host, offer, choice)
-    return hmac.compare_digest(expected.encode(), got.encode())
-
-
-def token_mismatch(prover: str) -> str:
-    return f"authentication failed: the {prover} could not prove the cluster token (the cluster token does not match; {TOKEN_HINT})"
-
-
-def token_setting_refusal(sender_has: bool, receiver_has: bool) -> str | None:
-    if sender_has == receiver_has:
-        return None
-    s, r = ("a cluster token" if has else "none" for has in (sender_has, receiver_has))
-    return (
-        "authentication failed: the cluster token does not match: the token setting differs "
-        f"(the sender side has {s}, the receiver side has {r}; {TOKEN_HINT})"
-    )
+def host_id() -> str:
+    """This host as the handshake names it (hostname and boot id): cma needs the same one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown"
+    return f"{socket.gethostname()}/{boot}"
 
 
 def quoted(names: list[str]) -> str:
@@ -116,14 +71,23 @@ def quoted(names: list[str]) -> str:
 
 
 class Handshake:
-    config: TransferConfig
-    planes: dict[str, DataPlane]  # the planes this node offers, best first
-    stats: Counter[str]
-    host_id: str
+    """The handshake of every control connection of one loop. Calls, per connection:
+    `greeting(conn)` (one this side opens) or `deadline(conn)` (connect_timeout after accepting
+    one), then `on_message` for each handshake frame; once complete, `conn.plane` is chosen and
+    `on_connected(conn, notes)` is called (`notes`: why the planes tried first did not work)."""
 
-    def on_connected(self, conn: Connection, notes: list[str]) -> None:
-        """The handshake of `conn` is complete and `conn.plane` chosen; `notes`: planes tried first."""
-        raise NotImplementedError
+    def __init__(
+        self,
+        config: TransferConfig,
+        planes: dict[str, DataPlane],
+        stats: Counter[str],
+        on_connected: Callable[[Connection, list[str]], None],
+    ) -> None:
+        self.config = config
+        self.planes = planes  # the planes this engine offers, best first
+        self.stats = stats
+        self.on_connected = on_connected
+        self.host_id = host_id()
 
     def greeting(self, conn: Connection) -> Hello:
         """The first frame of an outbound connection, kept on it to check the reply against."""
@@ -142,12 +106,12 @@ class Handshake:
         conn.handshake = hello
         return hello
 
-    def handshake_deadline(self, conn: Connection) -> None:
+    def deadline(self, conn: Connection) -> None:
         """Called connect_timeout after accepting `conn`: a peer that has not completed is cut."""
         if conn.hello is None:
             conn.close(f"no complete handshake within {self.config.connect_timeout} s (connect_timeout)")
 
-    async def on_handshake(self, conn: Connection, msg: Hello | HelloReply | HelloProof) -> None:
+    async def on_message(self, conn: Connection, msg: Hello | HelloReply | HelloProof) -> None:
         if isinstance(msg, HelloReply) and not msg.ok and conn.outbound:
             raise ConnectionClosed(f"peer refused the connection: {str(msg.reason)[:500]}")
         expected = HelloReply if conn.outbound else HelloProof if conn.handshake is not None else Hello

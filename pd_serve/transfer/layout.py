@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pd_serve.kernels.reference import gather_pages_ref, scatter_pages_ref
-from pd_serve.transfer.config import LayoutFingerprint
+from pd_serve.kv_layout import KVLayout
 
 MAX_REGION_BYTES = 1 << 30  # one region per process_vm_readv iovec / UCX message at most
 STAGING_CACHE_BYTES = 1 << 30  # staging buffers kept for reuse: at most this many bytes,
@@ -48,7 +48,7 @@ class PoolSet:
     """Per layer one K and one V pool, `[num_pages, page_size, num_kv_heads, head_dim]` each."""
 
     def __init__(
-        self, pools: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: LayoutFingerprint
+        self, pools: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: KVLayout
     ) -> None:
         check_pools(pools, fingerprint)
         self.pools = pools
@@ -124,7 +124,7 @@ class PoolSet:
         scatter_pages_ref(staging, self._flat_pools(layers), ids)
 
 
-def check_pools(pools: list[tuple[torch.Tensor, torch.Tensor]], fp: LayoutFingerprint) -> None:
+def check_pools(pools: list[tuple[torch.Tensor, torch.Tensor]], fp: KVLayout) -> None:
     """Raise ValueError naming the field when the pools do not match the fingerprint."""
     if len(pools) != fp.num_layers:
         raise ValueError(f"pools: {len(pools)} layers but fingerprint num_layers is {fp.num_layers}")

@@ -1,12 +1,12 @@
 """The data plane interface and the tcp data plane: how KV bytes travel after a Data header.
 
 Every plane runs on the transfer engine's event loop. A plane writes into destination pages only
-while `live()` is true, and returns only when no write into them can happen any more. A node holds
-one or more planes (`start_planes`); each control connection uses the one its handshake chose
-(`conn.plane`, see handshake.py). Per connection, in this order: `hello_fields` (both Hellos),
-`refusal` (may this plane serve that peer at all: nothing is touched), `on_hello` (set it up; on
-the receiver side before it chooses, on the sender side once chosen), then data, then
-`close_connection`.
+while `live()` is true, and returns only when no write into them can happen any more. A transfer
+loop holds one or more planes (`start_planes`); each control connection uses the one its
+handshake chose (`conn.plane`, see handshake.py). Per connection, in this order: `hello_fields`
+(both Hellos), `refusal` (may this plane serve that peer at all: nothing is touched), `on_hello`
+(set it up; on the receiver side before it chooses, on the sender side once chosen), then data,
+then `close_connection`.
 """
 
 from __future__ import annotations

@@ -1,21 +1,29 @@
-"""Receiver-side operations of the loop (a mixin of `Node`): request KV, take Data, check Finish.
+"""The receive path of the loop (a member of `TransferLoop`): request KV, take Data, check Finish.
+
+It takes messages only from connections this side opened. Calls, in order, per room:
+- `add(room, endpoint)` (the scheduler's receiver): connect once per peer (the handshake), then
+  send the RoomRequest;
+- `on_message`: RoomAccept, then Data any number of times, then Finish: Success needs the Finish of
+  the same room, every Data it announces and every (layer, page) the expected tokens cover; then
+  FinishAck tells the sender;
+- `timeout_reason(room)`: asked by the loop's sweep when the room outlived a timeout.
 
 Data is written only into the pages of a live room bound to the connection it came on; anything
 else is consumed, dropped and counted. A Data header that no sender with our layout could write
 (layers, runs or sizes outside our pools, a payload or tags that do not match) closes the
-connection before anything is read or allocated for it. Success needs the Finish of the same room, every Data it
-announces, and every (layer, page) the expected tokens cover.
+connection before anything is read or allocated for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import torch
 
-from pd_serve.transfer.config import LayoutFingerprint, RoomState, TransferConfig
+from pd_serve.transfer.config import RoomState
 from pd_serve.transfer.connection import Connection, ConnectionClosed
 from pd_serve.transfer.layout import PoolSet, expand
 from pd_serve.transfer.messages import (
@@ -24,45 +32,33 @@ from pd_serve.transfer.messages import (
     FinishAck,
     Message,
     MessageError,
+    RoomAbort,
     RoomAccept,
     RoomRequest,
 )
 from pd_serve.transfer.room import Room
+from pd_serve.transfer.room_table import RoomTable
 
 
 class ReceivePath:
-    config: TransferConfig
-    pools: PoolSet
-    fingerprint: LayoutFingerprint
-    receivers: dict[int, Room]
-    stats: Counter[str]
+    def __init__(
+        self,
+        pools: PoolSet,
+        rooms: RoomTable,
+        stats: Counter[str],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[Any]],
+        watch_timeouts: Callable[[], None],
+        connect: Callable[[str], Awaitable[Connection]],
+    ) -> None:
+        self.pools, self.fingerprint, self.rooms, self.stats = pools, pools.fingerprint, rooms, stats
+        self.spawn, self.watch_timeouts, self.connect = spawn, watch_timeouts, connect
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        raise NotImplementedError
-
-    def fail(self, room: Room, reason: str, notify: bool) -> None:
-        raise NotImplementedError
-
-    def retire(self, room: Room) -> None:
-        raise NotImplementedError
-
-    def drop(self, msg: Any) -> None:
-        raise NotImplementedError
-
-    async def connect(self, endpoint: str) -> Connection:
-        raise NotImplementedError
-
-    def on_finish_ack(self, conn: Any, msg: FinishAck) -> None:
-        raise NotImplementedError
-
-    def watch_timeouts(self) -> None:
-        raise NotImplementedError
-
-    def add_receiver(self, room: Room, endpoint: str) -> None:
+    def add(self, room: Room, endpoint: str) -> None:
+        """The scheduler's receiver for `room`: connect to `endpoint` (once per peer), then request."""
         assert room.destination is not None
         room.coverage = torch.zeros((self.pools.num_layers, len(room.destination.page_ids)), dtype=torch.bool)
         room.extra["endpoint"] = endpoint
-        self.receivers[room.room] = room
+        self.rooms.receivers[room.room] = room
         self.watch_timeouts()
         self.spawn(self._bootstrap(room, endpoint))
 
@@ -70,7 +66,8 @@ class ReceivePath:
         try:
             conn = await self.connect(endpoint)
         except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
-            self.fail(room, f"cannot connect to {endpoint}: {exc or type(exc).__name__}", notify=False)
+            room.peer_unreachable = room.live  # set only if this failure is the room's
+            self.rooms.fail(room, f"cannot connect to {endpoint}: {exc or type(exc).__name__}", notify=False)
             return
         if not room.live:
             return
@@ -84,11 +81,23 @@ class ReceivePath:
         try:
             await conn.send(request)
         except (OSError, ConnectionClosed) as exc:
-            self.fail(room, f"sending the room request to {endpoint} failed: {exc}", notify=False)
+            self.rooms.fail(room, f"sending the room request to {endpoint} failed: {exc}", notify=False)
 
-    async def on_room_message(self, conn: Connection, msg: Message, payload_len: int) -> None:
-        if isinstance(msg, FinishAck) and not conn.outbound:
-            self.on_finish_ack(conn, msg)
+    def timeout_reason(self, room: Room) -> str:
+        """Why a receiver room timed out. One still without its connection blames the peer's
+        endpoint as a refused connection does (`peer_unreachable`, "cannot connect to"): the decode
+        node then faults the prefill node and looks its record up again (a restarted one listens elsewhere; its
+        old port may be taken by a program that accepts and never answers, such as a UCX listener)."""
+        reason = room.timeout_reason()
+        if room.conn is None and room.state is RoomState.BOOTSTRAPPING:
+            room.peer_unreachable = True  # the sweep fails the (live) room with this reason next
+            return f"cannot connect to {room.extra.get('endpoint')}: no transfer handshake; the room {reason}"
+        return reason
+
+    async def on_message(self, conn: Connection, msg: Message, payload_len: int) -> None:
+        """A room message on a connection this side opened (its peer is the sender)."""
+        if isinstance(msg, RoomAbort):
+            self._on_abort(conn, msg)
             return
         plane = conn.plane
         assert plane is not None  # chosen by the handshake, before any room message is taken
@@ -96,9 +105,9 @@ class ReceivePath:
             reason = self._data_refusal(msg) or plane.data_refusal(msg, payload_len)
             if reason is not None:
                 raise MessageError(f"malformed data from {conn.peer}: {reason}")
-        room = self.receivers.get(getattr(msg, "room", -1)) if conn.outbound else None
+        room = self.rooms.receivers.get(getattr(msg, "room", -1))
         if room is None or room.conn is not conn or not room.live:
-            self.drop(msg)
+            self.rooms.drop(msg)
             if isinstance(msg, Data):
                 await plane.discard(conn, msg, payload_len, self._part_bytes(msg))
             return
@@ -109,7 +118,11 @@ class ReceivePath:
         elif isinstance(msg, Finish):
             self._on_finish(conn, room, msg)
         else:
-            self.drop(msg)
+            self.rooms.drop(msg)
+
+    def _on_abort(self, conn: Connection, msg: RoomAbort) -> None:
+        if not self.rooms.peer_aborted(self.rooms.receivers, conn, msg):
+            self.rooms.drop(msg)
 
     def _data_refusal(self, msg: Data) -> str | None:
         """Why `msg` cannot be a Data message of a sender with our layout, or None: its layers,
@@ -145,7 +158,7 @@ class ReceivePath:
         assert plane is not None
         reason = self._check_data(room, msg)
         if reason is not None:
-            self.fail(room, reason, notify=True)
+            self.rooms.fail(room, reason, notify=True)
             await plane.discard(conn, msg, payload_len, self._part_bytes(msg))
             return
         room.advance(RoomState.TRANSFERRING)
@@ -182,14 +195,14 @@ class ReceivePath:
 
     def _on_finish(self, conn: Connection, room: Room, msg: Finish) -> None:
         if msg.room != room.room:
-            self.fail(room, f"completion for room {msg.room} arrived on room {room.room}", notify=True)
+            self.rooms.fail(room, f"completion for room {msg.room} arrived on room {room.room}", notify=True)
             return
         if msg.first_token < 0:
-            self.fail(room, f"completion with first token {msg.first_token}", notify=True)
+            self.rooms.fail(room, f"completion with first token {msg.first_token}", notify=True)
             return
         if (msg.data_messages, msg.nbytes) != (room.data_done, room.bytes_done):
             got = f"{room.data_done} messages / {room.bytes_done} bytes"
-            self.fail(
+            self.rooms.fail(
                 room,
                 f"completion announces {msg.data_messages} messages / {msg.nbytes} bytes, got {got}",
                 notify=True,
@@ -197,9 +210,9 @@ class ReceivePath:
             return
         missing = room.missing_coverage(self.fingerprint.page_size)
         if missing is not None:
-            self.fail(room, missing, notify=True)
+            self.rooms.fail(room, missing, notify=True)
             return
         room.first_token, room.first_token_logprobs = msg.first_token, msg.first_token_logprobs
         room.advance(RoomState.SUCCESS)
         conn.send_soon(FinishAck(room.room))
-        self.retire(room)
+        self.rooms.retire(room)

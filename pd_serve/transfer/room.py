@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from pd_serve.intmath import div_ceil
 from pd_serve.transfer.config import RoomState, TransferConfig
 
 
@@ -34,13 +35,13 @@ class Room:
     config: TransferConfig
     state: RoomState = RoomState.BOOTSTRAPPING
     failure_reason: str | None = None
+    peer_unreachable: bool = False  # receiver: failed because the peer's endpoint could not be reached
     deadline: float = 0.0
     conn: Any = None  # the control connection the room is bound to
     destination: Destination | None = None
     inflight_writes: int = 0  # receiver: data plane writes into destination pages in progress
     data_done: int = 0  # receiver: Data messages fully written; sender: Data messages sent
     bytes_done: int = 0
-    finish: Any = None  # receiver: the Finish message once it arrived
     coverage: torch.Tensor | None = None  # receiver: [num_layers, num_dst_pages] bool, pages written
     first_token: int | None = None
     first_token_logprobs: Any = None
@@ -100,7 +101,7 @@ class Room:
     def missing_coverage(self, page_size: int) -> str | None:
         """Receiver: which (layer, page) still lacks data for the expected tokens, or None."""
         assert self.coverage is not None and self.destination is not None
-        needed = -(-self.destination.expected_tokens // page_size)
+        needed = div_ceil(self.destination.expected_tokens, page_size)
         missing = (~self.coverage[:, :needed]).nonzero()
         if missing.numel() == 0:
             return None

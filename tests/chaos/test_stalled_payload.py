@@ -16,12 +16,12 @@ import time
 import pytest
 import torch
 
-from pd_serve.transfer import LayoutFingerprint, RoomState, TransferConfig, TransferEngine
+from pd_serve.transfer import KVLayout, RoomState, TransferConfig, TransferEngine
+from pd_serve.transfer.handshake import host_id
 from pd_serve.transfer.messages import Data, HelloReply, RoomAccept, encode
-from pd_serve.transfer.node import host_id
 from pd_serve.transfer.testing import read_frame
 
-FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
+FP = KVLayout("llama", 2, 2, 8, "float32", 4, "abc")
 PAGE_BYTES = 4 * 2 * 8 * 4  # page_size * heads * head_dim * float32
 TIMEOUT_S = 1.0
 

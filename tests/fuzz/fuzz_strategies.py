@@ -16,7 +16,7 @@ from typing import Any
 from fuzz_support import MODEL
 from hypothesis import strategies as st
 
-from pd_serve.bootstrap.records import Capacity, KVLayout, Load, NodeRegistration, TransferEndpoint
+from pd_serve.bootstrap.records import Capacity, KVLayoutRecord, Load, NodeRegistration, TransferEndpoint
 from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest
 
 INT64 = 2**63
@@ -115,7 +115,7 @@ def registration_body() -> dict[str, Any]:
 
 
 # Every field path of a registration, from the record models: "role", "layout.page_size", ...
-_NESTED = {"layout": KVLayout, "capacity": Capacity, "load": Load}
+_NESTED = {"layout": KVLayoutRecord, "capacity": Capacity, "load": Load}
 REGISTRATION_PATHS = sorted(
     [name for name in NodeRegistration.model_fields]
     + [f"{top}.{name}" for top, model in _NESTED.items() for name in model.model_fields]

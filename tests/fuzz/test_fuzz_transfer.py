@@ -112,10 +112,13 @@ def loris(target: Target) -> Iterator[SlowLoris]:
     slow.close()
 
 
-def _hostile(target: Target, frames: list[bytes], handshake: bool) -> None:
+def _hostile(target: Target, frames: list[bytes], handshake: bool, hello_first: bool = False) -> None:
+    """Send `frames` after the whole handshake, or after our Hello alone (`hello_first`), or first."""
     with RawPeer(target) as peer:
         if handshake:
             peer.handshake()
+        elif hello_first:
+            peer.send(message_frame(peer.hello()))
         for data in frames:
             if not peer.send(data):
                 break
@@ -129,14 +132,7 @@ def _hostile(target: Target, frames: list[bytes], handshake: bool) -> None:
 def test_generated_frames_before_the_handshake(
     target: Target, loris: SlowLoris, frames: list[bytes], hello_first: bool
 ) -> None:
-    with RawPeer(target) as peer:
-        if hello_first:
-            peer.send(message_frame(peer.hello()))
-        for data in frames:
-            if not peer.send(data):
-                break
-        peer.finish()
-    target.check_alive()
+    _hostile(target, frames, handshake=False, hello_first=hello_first)
 
 
 @fuzz_settings(25)

@@ -16,13 +16,11 @@ import contextlib
 import importlib.util
 import json
 import os
-import queue
 import resource
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -32,7 +30,8 @@ from fuzz_strategies import HOSTILE_SCALARS
 from hypothesis import strategies as st
 
 from pd_serve.transfer import RoomState, TransferEngine
-from pd_serve.transfer.handshake import new_nonce, proof
+from pd_serve.transfer.auth import new_nonce, proof
+from pd_serve.transfer.handshake import host_id
 from pd_serve.transfer.messages import (
     _KINDS,
     FRAME_PREFIX,
@@ -44,13 +43,20 @@ from pd_serve.transfer.messages import (
     MessageError,
     decode,
 )
-from pd_serve.transfer.node import host_id
 
 PEER_PATH = Path(__file__).parents[1] / "integration" / "transfer_peer.py"
-_spec = importlib.util.spec_from_file_location("transfer_peer_for_fuzz", PEER_PATH)
-assert _spec is not None and _spec.loader is not None
-peer_module: Any = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(peer_module)
+
+
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+peer_module = _load("transfer_peer_for_fuzz", PEER_PATH)
+helpers = _load("transfer_helpers_for_fuzz", PEER_PATH.with_name("transfer_helpers.py"))
 
 TOKEN = "fuzz-cluster-token-5d1c0b7e9a"
 DTYPE, SEED = "float32", 7
@@ -93,8 +99,7 @@ class Target:
             env=env,
             preexec_fn=limit,
         )
-        self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._lines = helpers.ChildLines(self.proc)
         self._endpoint: str | None = None
         self._rooms = LEGIT_ROOM_BASE
         self.receiver: TransferEngine | None = None  # the legitimate receiver, in this process
@@ -105,16 +110,11 @@ class Target:
         """The data plane raw peers speak with this target (an `auto` target takes tcp from them)."""
         return "tcp" if self.backend == "auto" else self.backend
 
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.strip())
-
     def _read(self, timeout: float) -> str:
-        try:
-            return self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"target said nothing within {timeout} s: {self.report()}") from None
+        line: str | None = self._lines.next(timeout)
+        if line is None:
+            raise AssertionError(f"target said nothing within {timeout} s: {self.report()}")
+        return line
 
     @property
     def endpoint(self) -> str:

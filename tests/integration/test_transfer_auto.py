@@ -10,16 +10,15 @@ import errno
 import importlib.util
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
-from transfer_helpers import wait_terminal
+from transfer_helpers import local_engine, until, wait_terminal
 
-from pd_serve.transfer import LayoutFingerprint, RoomState, TransferConfig, TransferEngine
+from pd_serve.transfer import RoomState, TransferEngine
 
-FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
 TOKEN = "auto-negotiation-token"
 WAIT_S = 5.0
 HAS_UCX = importlib.util.find_spec("ucxx") is not None
@@ -27,20 +26,7 @@ ACROSS_HOSTS = "ucx" if HAS_UCX else "tcp"  # what auto picks for a peer on anot
 
 
 def _engine(backend: str, seed: int | None = None) -> TransferEngine:
-    gen = torch.Generator().manual_seed(seed or 0)
-
-    def pool() -> torch.Tensor:
-        return torch.randn(8, 4, 2, 8, generator=gen) if seed is not None else torch.zeros(8, 4, 2, 8)
-
-    config = TransferConfig(
-        backend=backend,
-        token=TOKEN,
-        bootstrap_timeout=WAIT_S,
-        waiting_timeout=WAIT_S,
-        transfer_timeout=WAIT_S,
-        connect_timeout=WAIT_S,
-    )
-    return TransferEngine(config, [(pool(), pool()) for _ in range(2)], FP)
+    return local_engine(backend, TOKEN, WAIT_S, seed)
 
 
 @contextmanager
@@ -51,18 +37,11 @@ def _pair(sender_backend: str, receiver_backend: str) -> Iterator[tuple[Transfer
         yield sender, receiver
 
 
-def _until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return pred()
-
-
 def _move(sender: TransferEngine, receiver: TransferEngine, room: int) -> RoomState:
     """One room of two pages; on success the destination pages equal the source pages."""
     tx = sender.sender(room)
     rx = receiver.receiver(room, sender.endpoint, [2, 3], expected_tokens=8, prompt_hash="h")
-    if _until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT):
+    if until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT):
         tx.send([5, 6])
         tx.finish(7, None)
     (state,) = wait_terminal([rx])
@@ -72,7 +51,7 @@ def _move(sender: TransferEngine, receiver: TransferEngine, room: int) -> RoomSt
                 assert torch.equal(
                     receiver.pools.pools[layer][kv][[2, 3]], sender.pools.pools[layer][kv][[5, 6]]
                 )
-        assert _until(lambda: tx.poll() is RoomState.SUCCESS), tx.failure_reason
+        assert until(lambda: tx.poll() is RoomState.SUCCESS), tx.failure_reason
     else:
         tx.abort()
     return state
@@ -106,8 +85,8 @@ def test_auto_across_hosts_skips_cma(caplog: pytest.LogCaptureFixture) -> None:
     """The sender says it runs elsewhere: cma is refused on the host id, ucx (or tcp) takes over,
     and the receiver's one log line for the peer says why cma was not used."""
     with caplog.at_level(logging.INFO, logger="pd_serve.transfer"), _pair("auto", "auto") as (tx, rx):
-        assert tx._node is not None
-        tx._node.host_id = "elsewhere/not-this-boot"
+        assert tx._transfer is not None
+        tx._transfer.handshake.host_id = "elsewhere/not-this-boot"
         assert _move(tx, rx, 31) is RoomState.SUCCESS
         assert _planes(tx, rx) == ([ACROSS_HOSTS], [ACROSS_HOSTS])
     (line,) = [r.getMessage() for r in caplog.records if "transfer connection to" in r.getMessage()]
@@ -153,14 +132,16 @@ def test_an_idle_ucx_plane_makes_no_progress_calls() -> None:
     when its event descriptor wakes the loop: idle, the count stands still."""
     with _pair("ucx", "ucx") as (tx, rx):
         assert _move(tx, rx, 71) is RoomState.SUCCESS
-        nodes = [tx._node, rx._node]
-        assert all(n is not None for n in nodes)
-        progress = [n.planes["ucx"].progress for n in nodes if n is not None]  # type: ignore[attr-defined]
-        assert _until(lambda: all(n is not None and not n.senders and not n.receivers for n in nodes))
-        assert _until(
-            lambda: all(n is not None and n._sweeper is not None and n._sweeper.done() for n in nodes)
+        loops = [tx._transfer, rx._transfer]
+        assert all(n is not None for n in loops)
+        progress = [n.planes["ucx"].progress for n in loops if n is not None]  # type: ignore[attr-defined]
+        assert until(
+            lambda: all(n is not None and not n.rooms.senders and not n.rooms.receivers for n in loops)
         )
-        assert _until(lambda: all(p.inflight == 0 for p in progress))
+        assert until(
+            lambda: all(n is not None and n._sweeper is not None and n._sweeper.done() for n in loops)
+        )
+        assert until(lambda: all(p.inflight == 0 for p in progress))
         time.sleep(0.2)  # UCX's last internal events of the room (its wire-up, acknowledgements)
         before = [p.progress_calls for p in progress]
         time.sleep(1.0)

@@ -12,15 +12,14 @@ import logging
 import secrets
 import socket
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 import torch
-from transfer_helpers import wait_terminal
+from transfer_helpers import SMALL_LAYOUT, local_engine, until, wait_terminal
 
-from pd_serve.transfer import LayoutFingerprint, RoomState, TransferConfig, TransferEngine
-from pd_serve.transfer.handshake import new_nonce, proof
+from pd_serve.transfer import RoomState, TransferEngine
+from pd_serve.transfer.auth import new_nonce, proof
+from pd_serve.transfer.handshake import host_id
 from pd_serve.transfer.messages import (
     PROTOCOL_VERSION,
     Hello,
@@ -30,11 +29,9 @@ from pd_serve.transfer.messages import (
     RoomRequest,
     encode,
 )
-from pd_serve.transfer.node import host_id
 from pd_serve.transfer.testing import read_frame, split_frames
 
 TOKEN = "cluster-" + secrets.token_urlsafe(24)
-FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
 WAIT_S = 2.0
 
 
@@ -45,33 +42,11 @@ def _engine(
     backend: str = "tcp",
     bootstrap_timeout: float = WAIT_S,
 ) -> TransferEngine:
-    gen = torch.Generator().manual_seed(seed or 0)
-
-    def pool() -> torch.Tensor:
-        return torch.randn(8, 4, 2, 8, generator=gen) if seed is not None else torch.zeros(8, 4, 2, 8)
-
-    config = TransferConfig(
-        backend=backend,
-        token=token,
-        bootstrap_timeout=bootstrap_timeout,
-        waiting_timeout=WAIT_S,
-        transfer_timeout=WAIT_S,
-        connect_timeout=connect_timeout,
-    )
-    return TransferEngine(config, [(pool(), pool()) for _ in range(2)], FP)
+    return local_engine(backend, token, WAIT_S, seed, connect_timeout, bootstrap_timeout)
 
 
 def _port(engine: TransferEngine) -> int:
     return int(engine.endpoint.rsplit(":", 1)[1])
-
-
-def _until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return pred()
-
-
 
 
 def _closed(sock: socket.socket) -> bool:
@@ -96,7 +71,7 @@ def _proof(token: str, hello: Hello, reply: HelloReply) -> str:
 
 
 def _request(room: int) -> bytes:
-    return encode(RoomRequest(room, FP.to_dict(), [0, 1], 4, "h"))
+    return encode(RoomRequest(room, SMALL_LAYOUT.to_dict(), [0, 1], 4, "h"))
 
 
 class _Recorder:
@@ -135,7 +110,7 @@ def test_the_token_never_crosses_the_wire_and_a_replayed_proof_is_refused() -> N
         proxy = _Recorder(_port(prefill))
         tx = prefill.sender(11)
         rx = dec.receiver(11, proxy.endpoint, [2, 3], expected_tokens=8, prompt_hash="h")
-        assert _until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT), tx.failure_reason
+        assert until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT), tx.failure_reason
         tx.send([5, 6])
         tx.finish(7, None)
         assert wait_terminal([rx]) == [RoomState.SUCCESS], rx.failure_reason
@@ -314,7 +289,7 @@ def test_room_messages_before_the_proof_close_the_connection() -> None:
             sock.sendall(encode(HelloProof("tcp", _proof(TOKEN, hello, reply))))
             sock.sendall(_request(51))
             assert read_frame(sock).kind == "room_accept"
-            assert _until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT)
+            assert until(lambda: tx.poll() is RoomState.WAITING_FOR_INPUT)
         tx.abort()
 
 

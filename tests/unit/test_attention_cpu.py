@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pd_serve.engine.attention import AttentionMetadata, PagedAttention, plan_decode
+from pd_serve.intmath import div_ceil
 from pd_serve.kernels import cpu_native
 from pd_serve.kernels import reference as ref
 
@@ -27,7 +28,7 @@ def test_mixed_decode_and_extend_batch_matches_reference(page_size: int, heads: 
     seqs = [(rng.randint(0, 60), 1) for _ in range(20)] + [(0, 13), (9, 5), (30, 1 + page_size)]
     tables, slots = [], []
     for prefix, new in seqs:
-        n = -(-(prefix + new) // page_size)
+        n = div_ceil(prefix + new, page_size)
         pages = [free.pop() for _ in range(n)]
         tables.append(pages)
         slots += [pages[i // page_size] * page_size + i % page_size for i in range(prefix, prefix + new)]

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from pd_serve.intmath import div_ceil
 from pd_serve.kernels import cpu_native
 from pd_serve.kernels import reference as ref
 
@@ -19,13 +20,13 @@ def _case(b: int, heads: int, kv_heads: int, head_dim: int, page_size: int, max_
     rng = random.Random(seed)
     lens = [rng.randint(1, max_ctx) for _ in range(b)]
     lens[0] = 1  # a context of one token
-    num_pages = sum(-(-n // page_size) for n in lens) + 3
+    num_pages = sum(div_ceil(n, page_size) for n in lens) + 3
     free = list(range(num_pages))
     rng.shuffle(free)
-    width = max(-(-n // page_size) for n in lens)
+    width = max(div_ceil(n, page_size) for n in lens)
     rows = []
     for n in lens:
-        pages = [free.pop() for _ in range(-(-n // page_size))]
+        pages = [free.pop() for _ in range(div_ceil(n, page_size))]
         rows.append(pages + [0] * (width - len(pages)))
     q = torch.randn(b, heads, head_dim)
     kp, vp = torch.randn(num_pages, page_size, kv_heads, head_dim), torch.randn(num_pages, page_size, kv_heads, head_dim)

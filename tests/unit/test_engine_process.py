@@ -29,7 +29,7 @@ def test_engine_process_matches_offline_and_cleans_up(demo_dir: Path) -> None:
     async def main() -> None:
         client = EngineClient(config)
         info = await client.start(timeout=120)
-        assert info["layout"]["page_size"] == 16
+        assert info.layout.page_size == 16
         try:
             results = await asyncio.gather(*(_collect(client, f"r{i}", p, params) for i, p in enumerate(prompts)))
             for deltas, expected in zip(results, offline):

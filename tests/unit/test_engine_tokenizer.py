@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from pd_serve.engine.core import eos_token_ids, verbatim_eos_id, verbatim_tokenizer
+from pd_serve.engine.tokenizer import eos_token_ids, verbatim_eos_id, verbatim_tokenizer
 from pd_serve.model.config import load_model_config
 
 

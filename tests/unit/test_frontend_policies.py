@@ -13,8 +13,10 @@ from pd_serve.frontend.nodes import Node, NodeSet, compatible, layout_key
 from pd_serve.frontend.policies import LeastLoad, PowerOfTwo, PrefixAware, RoundRobin, prefix_keys
 from pd_serve.frontend.router import NoPair, Router
 
-LAYOUT = layout_key({"architecture": "Llama", "page_size": 16, "dtype": "float32"})
-OTHER = layout_key({"architecture": "Llama", "page_size": 32, "dtype": "float32"})
+_WIRE = {"architecture": "Llama", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "page_size": 16,
+         "dtype": "float32", "config_hash": "abc"}
+LAYOUT = layout_key(_WIRE)
+OTHER = layout_key({**_WIRE, "page_size": 32})
 
 
 def node(node_id: str, role: str = "prefill", layout: object = LAYOUT, queue: int = 0) -> Node:

@@ -11,12 +11,14 @@ import httpx
 import pytest
 
 from pd_serve.frontend.config import FrontendConfig
+from pd_serve.frontend.limits import prompt_text
 from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import Node, NodeSet, layout_key
-from pd_serve.frontend.proxy import Relay, prompt_text
+from pd_serve.frontend.proxy import Relay
 from pd_serve.frontend.router import Router
 
-LAYOUT = layout_key({"architecture": "Llama", "page_size": 16})
+LAYOUT = layout_key({"architecture": "Llama", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "page_size": 16,
+                     "dtype": "float32", "config_hash": "abc"})
 OK_JSON = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 

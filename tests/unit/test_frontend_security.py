@@ -11,12 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
+from pd_serve.cluster_token import read_cluster_token
 from pd_serve.frontend.app import FrontendApp
 from pd_serve.frontend.cli import api_keys
 from pd_serve.frontend.config import FrontendConfig
 from pd_serve.frontend.limits import cap_output
 from pd_serve.frontend.load import Admission
-from pd_serve.http_common import KeyRing, Message, read_cluster_token, reply
+from pd_serve.http_common import KeyRing, Message, reply
 from pd_serve.server.middleware import ClusterPlane
 
 KEYS = ("key-alpha-0001", "key-beta-0002")
@@ -190,7 +191,8 @@ def test_every_busy_pair_gives_503_with_retry_after_and_nodes_get_the_cluster_to
 
     config = FrontendConfig(bootstrap="http://b:1", cluster_token="tok-123", max_retries=3)
     nodes = NodeSet(config)
-    layout = layout_key({"architecture": "Llama", "page_size": 16})
+    layout = layout_key({"architecture": "Llama", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "page_size": 16,
+                         "dtype": "float32", "config_hash": "abc"})
     nodes.replace_all([Node("p0", "prefill", "http://p0", layout, 1)]
                       + [Node(f"d{i}", "decode", f"http://d{i}", layout, 1) for i in range(2)])
     sent: list[Message] = []
@@ -251,7 +253,7 @@ def test_node_pd_plane_needs_the_cluster_token(
 def test_a_role_without_a_cluster_token_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from pd_serve.http_common import warn_if_open
+    from pd_serve.cluster_token import warn_if_open
 
     log = logging.getLogger("pd_serve.test")
     with caplog.at_level(logging.WARNING, logger="pd_serve.test"):

@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from pd_serve.frontend.upstream import NodePool, UpstreamError
+from pd_serve.frontend.node_pool import NodePool
+from pd_serve.frontend.upstream import UpstreamError
 
 Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # -> keep the connection open
 

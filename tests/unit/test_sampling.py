@@ -37,6 +37,20 @@ def test_seeded_rows_repeat_whatever_the_batch() -> None:
     assert len(set(alone)) > 1  # the generator advances: not the same draw every step
 
 
+def test_skip_draw_keeps_a_seeded_request_in_step_with_one_that_sampled() -> None:
+    """A decode node commits the first token the prefill node sampled, then samples on: its
+    generator must be where the prefill node's was after that first draw."""
+    logits = torch.randn(1, 200)
+    s = Sampler(torch.device("cpu"))
+    p = SamplingParams(temperature=1.0, seed=7)
+    here, elsewhere = _reqs([p]), _reqs([p])
+    s.sample(logits, here)
+    Sampler.skip_draw(elsewhere[0], vocab_size=200)
+    assert [s.sample(logits, here).token_ids[0] for _ in range(8)] == [
+        s.sample(logits, elsewhere).token_ids[0] for _ in range(8)
+    ]
+
+
 def test_sampling_follows_the_distribution() -> None:
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]]))
     s = Sampler(torch.device("cpu"))

@@ -7,6 +7,7 @@ import pytest
 from pd_serve.engine.request import FinishReason, Request, RequestStatus
 from pd_serve.engine.sampling_params import SamplingParams
 from pd_serve.engine.scheduler import RequestRejected, Scheduler, SchedulerConfig
+from pd_serve.intmath import div_ceil
 
 
 def make(num_pages: int = 64, page_size: int = 4, budget: int = 32, max_running: int = 8, prefix: bool = True) -> Scheduler:
@@ -61,7 +62,7 @@ def test_long_prompt_is_chunked_under_the_token_budget() -> None:
         sizes.append(out.chunks[0].num_tokens)
     assert sizes == [8, 8, 5]
     assert r.output_token_ids == [7]  # sampled only when the prompt was complete
-    assert len(r.page_ids) == -(-22 // 4)
+    assert len(r.page_ids) == div_ceil(22, 4)
 
 
 def test_decodes_are_scheduled_before_new_prefills() -> None:
@@ -134,14 +135,18 @@ def test_requests_that_can_never_fit_are_rejected() -> None:
 
 def test_prefix_cache_shares_pages_and_keeps_refcounts() -> None:
     s = make(num_pages=32, page_size=4)
-    a = req("a", 13, max_tokens=1)
+    a = req("a", 13, max_tokens=2)
     s.add(a)
-    drain(s)
-    b = req("b", 13, max_tokens=2)
-    s.add(b)
     step(s)
-    assert b.num_cached_tokens == 12  # 3 full pages; the last token is always computed
-    assert b.page_ids[:3] == a.page_ids[:3] or all(s.pages.ref_count(p) == 1 for p in b.page_ids[:3])
+    a_pages = list(a.page_ids)  # before a finishes and gives them back
+    drain(s)
+    b, c = req("b", 13, max_tokens=2), req("c", 13, max_tokens=2)
+    s.add(b)
+    s.add(c)
+    step(s)
+    assert b.num_cached_tokens == c.num_cached_tokens == 12  # 3 full pages; the last token is always computed
+    assert b.page_ids[:3] == c.page_ids[:3] == a_pages[:3]  # the very pages a computed, from the cache
+    assert all(s.pages.ref_count(p) == 2 for p in a_pages[:3])  # one reference each for b and c
     drain(s)
     assert s.pages.num_free == 32
     assert s.pages.flush_cache() > 0

@@ -14,7 +14,7 @@ from pd_serve.server.config import ServerConfig, ServerConfigError
 from pd_serve.server.errors import APIError
 from pd_serve.server.formatting import ChoiceState, ResponseFormat, Usage
 from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, param_from_location
-from pd_serve.server.state import Admission
+from pd_serve.server.state import NodeAdmission
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -102,7 +102,7 @@ def test_completion_logprobs_offsets() -> None:
 
 
 def test_admission_limit_and_ticket_release() -> None:
-    adm = Admission(3)
+    adm = NodeAdmission(3)
     ticket = adm.acquire(2)
     with pytest.raises(APIError) as err:
         adm.acquire(2)

@@ -67,7 +67,7 @@ def test_granians_supervisor_handlers_are_relayed() -> None:
     while that Event's lock is held returns, and the Event is set once the lock is free."""
     code = """
 import time
-from pd_serve.http_common import granian_server
+from pd_serve.granian_server import granian_server
 from pd_serve.signals import relay_granian_signals
 granian = granian_server("x:app", "127.0.0.1", 0, "warning")
 relay_granian_signals(granian)

@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 import torch
 
+from pd_serve.kv_layout import LayoutError
 from pd_serve.transfer import (
-    LayoutFingerprint,
+    KVLayout,
     RoomState,
     TransferConfig,
     TransferConfigError,
     TransferEngine,
 )
+from pd_serve.transfer.auth import new_nonce, proof, proof_matches, token_setting_refusal
 from pd_serve.transfer.cma_plane import iovecs, read_remote, split_by_bytes
-from pd_serve.transfer.handshake import new_nonce, proof, proof_matches, token_setting_refusal
 from pd_serve.transfer.layout import PoolSet, Run, coalesce, expand, should_stage
+from pd_serve.transfer.loop import TransferLoop
 from pd_serve.transfer.messages import (
     PROTOCOL_VERSION,
     Data,
@@ -33,11 +35,10 @@ from pd_serve.transfer.messages import (
     decode,
     encode,
 )
-from pd_serve.transfer.node import Node
 from pd_serve.transfer.plane import TcpPlane
 from pd_serve.transfer.room import Destination, Room
 
-FP = LayoutFingerprint("llama", 2, 2, 8, "float32", 4, "abc")
+FP = KVLayout("llama", 2, 2, 8, "float32", 4, "abc")
 
 
 def pools(n_pages: int = 8, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,12 +59,12 @@ def test_config_errors_name_the_field() -> None:
 
 
 def test_fingerprint_mismatch_names_the_field() -> None:
-    other = LayoutFingerprint.from_value({**FP.to_dict(), "num_kv_heads": 4})
+    other = KVLayout.from_value({**FP.to_dict(), "num_kv_heads": 4})
     assert "num_kv_heads" in (FP.mismatch(other) or "")
-    assert FP.mismatch(LayoutFingerprint.from_value(FP.to_dict())) is None
-    assert LayoutFingerprint.from_value({**FP.to_dict(), "dtype": torch.float32}).dtype == "float32"
-    with pytest.raises(TransferConfigError, match="page_size"):
-        LayoutFingerprint.from_value({k: v for k, v in FP.to_dict().items() if k != "page_size"})
+    assert FP.mismatch(KVLayout.from_value(FP.to_dict())) is None
+    assert KVLayout.from_value({**FP.to_dict(), "dtype": torch.float32}).dtype == "float32"
+    with pytest.raises(LayoutError, match="page_size"):
+        KVLayout.from_value({k: v for k, v in FP.to_dict().items() if k != "page_size"})
 
 
 def test_pools_must_match_the_fingerprint() -> None:
@@ -213,31 +214,33 @@ class _FakeConn:
 
 
 def test_message_for_unknown_room_is_dropped_and_counted() -> None:
-    node = Node(TransferConfig(), PoolSet(pools(), FP), [TcpPlane(TransferConfig())])
+    transfer = TransferLoop(TransferConfig(), PoolSet(pools(), FP), [TcpPlane(TransferConfig())])
     conn: Any = _FakeConn()
-    conn.plane = node.planes["tcp"]
+    conn.plane = transfer.planes["tcp"]
     data = Data(room=99, seq=0, layers=[0, 2], runs=[[0, 1]], nbytes=1024, staged=False)
-    asyncio.run(node.on_room_message(conn, data, 1024))
-    asyncio.run(node.on_room_message(conn, Finish(99, 1, None, 1, 1024), 0))
-    assert node.stats == Counter({"dropped_messages": 2, "dropped_data": 1, "dropped_finish": 1})
+    asyncio.run(transfer.receive.on_message(conn, data, 1024))
+    asyncio.run(transfer.receive.on_message(conn, Finish(99, 1, None, 1, 1024), 0))
+    assert transfer.stats == Counter({"dropped_messages": 2, "dropped_data": 1, "dropped_finish": 1})
     assert conn.discarded == 1024
 
 
 def test_request_refusals_name_the_reason() -> None:
-    node = Node(TransferConfig(), PoolSet(pools(), FP), [TcpPlane(TransferConfig())])
+    transfer = TransferLoop(TransferConfig(), PoolSet(pools(), FP), [TcpPlane(TransferConfig())])
     good = RoomRequest(5, FP.to_dict(), [0, 1], 8, "h")
-    assert node._request_refusal(good) is None
+    assert transfer.send._request_refusal(good) is None
     assert "head_dim" in (
-        node._request_refusal(RoomRequest(5, {**FP.to_dict(), "head_dim": 4}, [0], 4, "h")) or ""
+        transfer.send._request_refusal(RoomRequest(5, {**FP.to_dict(), "head_dim": 4}, [0], 4, "h")) or ""
     )
-    assert "expected_tokens" in (node._request_refusal(RoomRequest(5, FP.to_dict(), [0], 8, "h")) or "")
+    assert "expected_tokens" in (
+        transfer.send._request_refusal(RoomRequest(5, FP.to_dict(), [0], 8, "h")) or ""
+    )
     # held until the sender exists: never more pages than a prompt that fits this pool can need
     assert "more than this sender's 8" in (
-        node._request_refusal(RoomRequest(5, FP.to_dict(), list(range(9)), 4, "h")) or ""
+        transfer.send._request_refusal(RoomRequest(5, FP.to_dict(), list(range(9)), 4, "h")) or ""
     )
-    assert "negative" in (node._request_refusal(RoomRequest(5, FP.to_dict(), [-1], 4, "h")) or "")
-    node.finished[5] = None
-    assert "duplicate" in (node._request_refusal(good) or "")
+    assert "negative" in (transfer.send._request_refusal(RoomRequest(5, FP.to_dict(), [-1], 4, "h")) or "")
+    transfer.rooms.finished[5] = None
+    assert "duplicate" in (transfer.send._request_refusal(good) or "")
 
 
 def test_handles_refuse_caller_mistakes() -> None:
@@ -334,14 +337,14 @@ def test_a_large_header_before_the_handshake_is_refused_without_allocating_it() 
     assert isinstance(exc, ConnectionClosed)
 
 
-def _node(backend: str = "tcp") -> Node:
+def _transfer(backend: str = "tcp") -> TransferLoop:
     from pd_serve.transfer.plane import new_plane
 
     config = TransferConfig(backend=backend)
     ps = PoolSet(pools(), FP)
     plane = new_plane(backend, config)
     plane.pools = ps
-    return Node(config, ps, [plane])
+    return TransferLoop(config, ps, [plane])
 
 
 @pytest.mark.parametrize(
@@ -363,16 +366,16 @@ def test_malformed_data_closes_the_connection_before_anything_is_read(
     [0, 2**40] with parts=2 built a list of 2**41 items (the process ran out of memory), a Data sent
     to the sender side hit a ucx endpoint that did not exist, and a RoomAbort with a payload
     desynchronised the stream."""
-    node = _node()
+    transfer = _transfer()
     conn: Any = _FakeConn()
-    conn.outbound, conn.hello, conn.plane = outbound, object(), node.planes["tcp"]
+    conn.outbound, conn.hello, conn.plane = outbound, object(), transfer.planes["tcp"]
     with pytest.raises(MessageError, match=match):
-        asyncio.run(node.handle(conn, msg, payload))
+        asyncio.run(transfer.handle(conn, msg, payload))
     assert conn.discarded == 0
 
 
 def test_plane_specific_data_checks() -> None:
-    cma = _node("cma").planes["cma"]
+    cma = _transfer("cma").planes["cma"]
     good = Data(1, 0, [0, 2], [[0, 1]], 1024, False, src_base=[1, 2, 3, 4], src_starts=[0])
     assert cma.data_refusal(good, 0) is None
     assert "negative" in (cma.data_refusal(Data(**{**good.__dict__, "src_base": [-1, 2, 3, 4]}), 0) or "")
@@ -410,31 +413,31 @@ def test_a_ucx_hello_with_a_malformed_nonce_or_address_is_refused(address: str) 
 def test_a_cma_probe_is_bounded(probe: Any) -> None:
     """Before, the receiver allocated the probe's length (2**40: MemoryError) and unpacked it
     without looking (a 2-item probe: ValueError)."""
+    from pd_serve.transfer.handshake import host_id
     from pd_serve.transfer.messages import HelloReply
-    from pd_serve.transfer.node import host_id
 
     conn: Any = _FakeConn()
     reply = HelloReply(True, None, host_id(), os.getpid(), probe=probe)
-    assert "malformed probe" in (asyncio.run(_node("cma").planes["cma"].on_hello(conn, reply)) or "")
+    assert "malformed probe" in (asyncio.run(_transfer("cma").planes["cma"].on_hello(conn, reply)) or "")
 
 
 def test_a_peer_abort_reason_is_truncated() -> None:
-    node = _node()
+    transfer = _transfer()
     conn: Any = _FakeConn()
     room = Room(3, "receiver", TransferConfig(), conn=conn)
-    node.receivers[3] = room
-    node._on_abort(conn, RoomAbort(3, "x" * 100_000))
+    transfer.rooms.receivers[3] = room
+    transfer.receive._on_abort(conn, RoomAbort(3, "x" * 100_000))
     assert room.state is RoomState.FAILED and len(room.failure_reason or "") < 600
 
 
 def test_a_negative_first_token_fails_the_room() -> None:
-    node = _node()
+    transfer = _transfer()
     conn: Any = _FakeConn()
     room = Room(4, "receiver", TransferConfig(), conn=conn, destination=Destination([0], 4, "h"))
     room.coverage = torch.ones((2, 1), dtype=torch.bool)
-    node.receivers[4] = room
+    transfer.rooms.receivers[4] = room
     conn.send_soon = lambda msg: None
-    node._on_finish(conn, room, Finish(4, -1, None, 0, 0))
+    transfer.receive._on_finish(conn, room, Finish(4, -1, None, 0, 0))
     assert room.state is RoomState.FAILED and "first token -1" in (room.failure_reason or "")
 
 
@@ -445,7 +448,7 @@ def test_the_listener_survives_a_failed_accept() -> None:
     import socket as socket_mod
 
     async def run() -> int:
-        node = _node()
+        transfer = _transfer()
         loop = asyncio.get_running_loop()
         real, calls = loop.sock_accept, []
 
@@ -458,17 +461,17 @@ def test_the_listener_survives_a_failed_accept() -> None:
         loop.sock_accept = flaky  # type: ignore[method-assign]
         lsock = socket_mod.create_server(("127.0.0.1", 0))
         lsock.setblocking(False)
-        task = loop.create_task(node.serve(lsock))
+        task = loop.create_task(transfer.serve(lsock))
         client = socket_mod.create_connection(lsock.getsockname(), timeout=5)
         for _ in range(200):
-            if node.inbound:
+            if transfer.inbound:
                 break
             await asyncio.sleep(0.01)
-        accepted = len(node.inbound)
+        accepted = len(transfer.inbound)
         task.cancel()
         client.close()
         lsock.close()
-        await node.close()
+        await transfer.close()
         return accepted
 
     assert asyncio.run(run()) == 1

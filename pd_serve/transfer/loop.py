@@ -1,10 +1,17 @@
-"""The loop side of a transfer engine: connections, the room registries and message handling.
+"""The transfer loop: the control connections of one engine, and the members that own its messages.
 
 Everything here runs on the transfer engine's own event loop thread and nowhere else; the
-scheduler thread reaches it only through `loop.call_soon_threadsafe`. Sender-side operations live
-in `sending.py`, the handshake (and the choice of each connection's data plane) in `handshake.py`;
-this module owns connections, the receive path and timeouts. Idle, it wakes for nothing: the
-timeout sweep runs only while a room or an early room request exists.
+scheduler thread reaches it only through `loop.call_soon_threadsafe`. `TransferLoop` holds, as
+members, the room table (`room_table.py`), the handshake (`handshake.py`), the send path
+(`sending.py`) and the receive path (`receiving.py`); it owns the connections and the timeout
+sweep, and hands every message to the member that owns it:
+
+- Hello, HelloReply, HelloProof: the handshake; nothing else before it is complete;
+- on a connection this side accepted (the peer receives): the send path;
+- on a connection this side opened (the peer sends): the receive path.
+
+Idle, it wakes for nothing: the timeout sweep runs only while a room or an early room request
+exists. It never interprets a room message itself.
 """
 
 from __future__ import annotations
@@ -13,67 +20,46 @@ import asyncio
 import logging
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
-from pd_serve.transfer.config import LayoutFingerprint, RoomState, TransferConfig
+from pd_serve.transfer.config import TransferConfig
 from pd_serve.transfer.connection import Connection, ConnectionClosed
 from pd_serve.transfer.handshake import Handshake
 from pd_serve.transfer.layout import PoolSet
-from pd_serve.transfer.messages import (
-    Data,
-    Hello,
-    HelloProof,
-    HelloReply,
-    Message,
-    MessageError,
-    RoomAbort,
-    RoomRequest,
-)
+from pd_serve.transfer.messages import Data, Hello, HelloProof, HelloReply, Message, MessageError
 from pd_serve.transfer.plane import DataPlane
 from pd_serve.transfer.receiving import ReceivePath
-from pd_serve.transfer.room import Room
+from pd_serve.transfer.room_table import MAX_REASON_CHARS, RoomTable
 from pd_serve.transfer.sending import SendPath
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.05
 ACCEPT_RETRY_S = 0.1  # after a failed accept (no file descriptor left): wait, then accept again
-MAX_REASON_CHARS = 500  # a peer's abort reason, as kept and shown
-
-
-def host_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "unknown"
-    return f"{socket.gethostname()}/{boot}"
 
 
 def _peer_key(conn: Connection) -> str:
     return f"{'to' if conn.outbound else 'from'} {conn.peer}"
 
 
-class Node(SendPath, ReceivePath, Handshake):
+class TransferLoop:
     def __init__(self, config: TransferConfig, pools: PoolSet, planes: list[DataPlane]) -> None:
-        self.config, self.pools = config, pools
+        self.config = config
         self.planes = {plane.name: plane for plane in planes}  # best first
-        self.fingerprint: LayoutFingerprint = pools.fingerprint
-        self.receivers: dict[int, Room] = {}
-        self.senders: dict[int, Room] = {}
-        self.pending: dict[int, tuple[Connection, RoomRequest, float]] = {}  # requests before sender()
-        self.refused: OrderedDict[int, str] = OrderedDict()  # room -> reason, refused before sender()
-        self.finished: OrderedDict[int, None] = OrderedDict()
+        self.stats: Counter[str] = Counter()
         self.conns: dict[str, asyncio.Task[Connection]] = {}
         self.inbound: set[Connection] = set()
         self.outbound: set[Connection] = set()  # open outbound connections (self.conns: their tasks)
-        self.stats: Counter[str] = Counter()
-        self.host_id = host_id()
         self.peer_backends: dict[str, str] = {}  # "to|from <peer>" -> the plane of that open connection
-        self.plane_rooms: Counter[tuple[str, str]] = Counter()  # (plane, "succeeded"|"failed") -> rooms
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.rooms = RoomTable(config, self.stats)
+        self.handshake = Handshake(config, self.planes, self.stats, self._on_connected)
+        self.send = SendPath(config, pools, self.rooms, self.stats, self.spawn, self.watch_timeouts)
+        self.receive = ReceivePath(
+            pools, self.rooms, self.stats, self.spawn, self.watch_timeouts, self.connect
+        )
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -102,7 +88,7 @@ class Node(SendPath, ReceivePath, Handshake):
                 await asyncio.sleep(ACCEPT_RETRY_S)
                 continue
             self.inbound.add(conn)
-            loop.call_later(self.config.connect_timeout, self.handshake_deadline, conn)
+            loop.call_later(self.config.connect_timeout, self.handshake.deadline, conn)
             self.spawn(self._run_conn(conn))
 
     async def _run_conn(self, conn: Connection) -> None:
@@ -124,7 +110,7 @@ class Node(SendPath, ReceivePath, Handshake):
             self.outbound.discard(conn)
             self._on_conn_lost(conn, reason)
 
-    def on_connected(self, conn: Connection, notes: list[str]) -> None:
+    def _on_connected(self, conn: Connection, notes: list[str]) -> None:
         assert conn.plane is not None
         name = conn.plane.name
         self.peer_backends[_peer_key(conn)] = name
@@ -135,12 +121,8 @@ class Node(SendPath, ReceivePath, Handshake):
         for plane in self.planes.values():  # the chosen one, or any set up during the handshake
             plane.close_connection(conn)
         self.peer_backends.pop(_peer_key(conn), None)
-        for room_id in list(conn.rooms):
-            room = self.receivers.get(room_id) or self.senders.get(room_id)
-            if room is not None and room.conn is conn:
-                self.fail(room, f"peer {conn.peer} disconnected: {reason}", notify=False)
-        for room_id in [r for r, (c, _, _) in self.pending.items() if c is conn]:
-            del self.pending[room_id]
+        self.rooms.conn_lost(conn, reason)
+        self.send.conn_lost(conn)
         for endpoint, task in list(self.conns.items()):
             if task.done() and not task.cancelled() and task.exception() is None and task.result() is conn:
                 del self.conns[endpoint]
@@ -170,7 +152,7 @@ class Node(SendPath, ReceivePath, Handshake):
             sock.close()
             raise
         conn = Connection(sock, endpoint, outbound=True, chunk_bytes=self.config.chunk_bytes)
-        hello = self.greeting(conn)
+        hello = self.handshake.greeting(conn)
         self.outbound.add(conn)
         self.spawn(self._run_conn(conn))
         try:
@@ -187,80 +169,25 @@ class Node(SendPath, ReceivePath, Handshake):
         if payload_len and not isinstance(msg, Data):  # its payload would be read as frames
             raise MessageError(f"{msg.kind} from {conn.peer} with a {payload_len}-byte payload")
         if isinstance(msg, Hello | HelloReply | HelloProof):
-            await self.on_handshake(conn, msg)
+            await self.handshake.on_message(conn, msg)
         elif conn.hello is None:
             raise MessageError(f"{msg.kind} before the handshake from {conn.peer}")
-        elif isinstance(msg, RoomRequest) and not conn.outbound:
-            self._on_request(conn, msg)
-        elif isinstance(msg, Data) and not conn.outbound:  # KV flows only from the accepting side
-            raise MessageError(f"data from {conn.peer}, a receiver")
-        elif isinstance(msg, RoomAbort):
-            self._on_abort(conn, msg)
+        elif conn.outbound:
+            await self.receive.on_message(conn, msg, payload_len)
         else:
-            await self.on_room_message(conn, msg, payload_len)
+            self.send.on_message(conn, msg)
 
-    def _on_abort(self, conn: Connection, msg: RoomAbort) -> None:
-        room = (self.receivers if conn.outbound else self.senders).get(msg.room)
-        reason = f"peer aborted the room: {msg.reason[:MAX_REASON_CHARS]}"
-        if room is not None and room.conn is conn:
-            self.fail(room, reason, notify=False)
-        elif not conn.outbound and msg.room in self.pending and self.pending[msg.room][0] is conn:
-            del self.pending[msg.room]
-            self._remember_refusal(msg.room, reason)
-        else:
-            self.drop(msg)
-
-    # ---- both sides ------------------------------------------------------------------------
+    # ---- timeouts and state ----------------------------------------------------------------
 
     def gauges(self) -> dict[str, int]:
         """Live rooms, early room requests and open control connections (read from the scheduler
         thread: plain len() calls)."""
         return {
-            "live_senders": len(self.senders),
-            "live_receivers": len(self.receivers),
-            "pending_room_requests": len(self.pending),
+            "live_senders": len(self.rooms.senders),
+            "live_receivers": len(self.rooms.receivers),
+            "pending_room_requests": len(self.send.pending),
             "connections": len(self.inbound) + len(self.outbound),
         }
-
-    def drop(self, msg: Message) -> None:
-        """A message for an unknown or finished room: counted, never applied."""
-        self.stats["dropped_messages"] += 1
-        self.stats[f"dropped_{msg.kind}"] += 1
-
-    def abort(self, room: Room, reason: str) -> None:
-        self.fail(room, reason, notify=True)
-
-    def fail(self, room: Room, reason: str, notify: bool) -> None:
-        if not room.fail(reason):
-            return
-        self.stats["failed_rooms"] += 1
-        conn = room.conn
-        if notify and conn is not None and not conn.closed:
-            conn.send_soon(RoomAbort(room.room, reason))
-        self.retire(room)
-
-    def retire(self, room: Room) -> None:
-        registry = self.senders if room.role == "sender" else self.receivers
-        if registry.get(room.room) is room:
-            del registry[room.room]
-        if room.conn is not None:
-            room.conn.rooms.discard(room.room)
-            if room.conn.plane is not None:
-                outcome = "succeeded" if room.state is RoomState.SUCCESS else "failed"
-                self.plane_rooms[(room.conn.plane.name, outcome)] += 1
-        self.finished[room.room] = None
-        while len(self.finished) > self.config.finished_rooms_kept:
-            self.finished.popitem(last=False)
-
-    def _timeout_reason(self, room: Room) -> str:
-        """A receiver still without its connection blames the peer's endpoint, with the words of a
-        refused connection ("cannot connect to"): the decode node then faults the prefill node and
-        looks its record up again (a restarted one listens elsewhere; its old port may be taken by
-        a program that accepts and never answers, such as a UCX listener)."""
-        reason = room.timeout_reason()
-        if room.role == "receiver" and room.conn is None and room.state is RoomState.BOOTSTRAPPING:
-            return f"cannot connect to {room.extra.get('endpoint')}: no transfer handshake; the room {reason}"
-        return reason
 
     def watch_timeouts(self) -> None:
         """Start the sweep unless it runs: called whenever a room or an early room request is added."""
@@ -270,24 +197,19 @@ class Node(SendPath, ReceivePath, Handshake):
     async def sweep(self) -> None:
         """Fail every room whose state outlived its timeout; expire early requests. Ends once
         nothing is left to time out (watch_timeouts starts it again)."""
-        while self.receivers or self.senders or self.pending:
+        while self.rooms.senders or self.rooms.receivers or self.send.pending:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
-            for room in [*self.receivers.values(), *self.senders.values()]:
+            for room in self.rooms.live():
                 if room.expired(now):
-                    reason = self._timeout_reason(room)
-                    self.fail(room, reason, notify=True)
+                    is_receiver = room.role == "receiver"
+                    reason = self.receive.timeout_reason(room) if is_receiver else room.timeout_reason()
+                    self.rooms.fail(room, reason, notify=True)
                     if room.inflight_writes and room.conn is not None:
                         # a payload stuck mid-read (a stopped peer) would keep the room Transferring
                         # and its pages held: the stream cannot be resynchronised, so cut it
                         room.conn.close(f"room {room.room} {reason} in the middle of a Data payload")
-            for room_id, (conn, _, deadline) in list(self.pending.items()):
-                if now > deadline:
-                    del self.pending[room_id]
-                    seconds = self.config.bootstrap_timeout
-                    conn.send_soon(
-                        RoomAbort(room_id, f"no sender for the room within {seconds} s (bootstrap_timeout)")
-                    )
+            self.send.expire_requests(now)
 
     async def close(self) -> None:
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
