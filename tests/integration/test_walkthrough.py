@@ -101,6 +101,7 @@ def test_four_terminals_serve_a_chat_completion(env: dict[str, str], terminals: 
     answer = json.loads(log.strip().splitlines()[-1])
     assert answer["object"] == "chat.completion", answer
     assert answer["choices"][0]["message"]["role"] == "assistant"
+    assert "Paris" in answer["choices"][0]["message"]["content"], answer  # the trained model, greedy
     assert answer["usage"]["completion_tokens"] > 0
     assert session_members(shell.pid), "terminal 4's frontend should outlive its shell until teardown"
     assert len(session_members(terminals[1].pid)) >= 3, "prefill: Granian supervisor, worker, engine"
