@@ -12,6 +12,8 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from pd_serve.kv_budget import parse_memory
+
 if TYPE_CHECKING:  # the transfer package imports torch; flags and --help must not
     from pd_serve.transfer.config import TransferConfig
 
@@ -39,7 +41,9 @@ class EngineConfig:
     seed: int = 0
     page_size: int = 16
     max_total_tokens: int | None = None  # KV capacity in tokens; None: derived from kv_cache_memory
-    kv_cache_memory: int = 256 * 1024 * 1024  # bytes for all K and V pools when max_total_tokens is None
+    # all K and V pools when max_total_tokens is None: a size (4GiB), a fraction of the memory free
+    # after the weights (0.5), or auto (kv_budget.AUTO_FRACTION of it)
+    kv_cache_memory: str = "auto"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_running_requests: int = 256
     chunked_prefill_size: int = 2048  # per-step token budget
@@ -61,7 +65,10 @@ class EngineConfig:
                 "max_total_tokens",
                 f"{self.max_total_tokens} is less than one page ({self.page_size} tokens)",
             )
-        require(self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
+        try:
+            parse_memory(self.kv_cache_memory)
+        except ValueError as exc:
+            require(False, "kv_cache_memory", str(exc))
         if self.max_model_len is not None:
             require(self.max_model_len >= 1, "max_model_len", "must be at least 1")
         require(self.max_running_requests >= 1, "max_running_requests", "must be at least 1")
@@ -85,12 +92,10 @@ class DisaggConfig:
     role: str  # prefill | decode
     transfer: TransferConfig
     reserve_tokens: int = 256  # decode: free pages kept for decoding before a new transfer is admitted
-    page_wait_timeout: float = 300.0  # decode: how long a request may wait for pages before it fails
 
     def __post_init__(self) -> None:
         require(self.role in ("prefill", "decode"), "role", f"{self.role!r} is not prefill or decode")
         require(self.reserve_tokens >= 0, "reserve_tokens", "must be >= 0")
-        require(self.page_wait_timeout > 0, "page_wait_timeout", "must be positive")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +114,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page")
     g.add_argument("--max-total-tokens", type=int, default=None, help="KV cache capacity in tokens")
     g.add_argument(
-        "--kv-cache-memory", type=int, default=d.kv_cache_memory, help="bytes for the KV cache"
+        "--kv-cache-memory", type=str, default=d.kv_cache_memory,
+        help="KV cache size: bytes or a size (4GiB), a fraction of the memory free after the weights (0.5), "
+        "or auto (0.25 of available memory on CPU, 0.85 of free GPU memory)"
     )
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit")
     g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)

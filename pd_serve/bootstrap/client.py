@@ -239,7 +239,7 @@ class NodeKeeper:
         return record
 
     async def _beat_forever(self, record: NodeRecord) -> None:
-        period = self.interval or max(0.05, record.ttl / 3)
+        period = max(0.05, min(self.interval or record.ttl / 3, record.ttl / 3))  # never slower than ttl/3
         reachable = True
         while True:
             await asyncio.sleep(period)

@@ -70,6 +70,7 @@ class Load(_Strict):
     running: Count = 0
     waiting: Count = 0
     free_pages: Count = 0
+    queued: Count = 0  # requests waiting for admission (decode: for free KV pages); part of running
 
 
 class NodeRegistration(_Strict):

@@ -133,6 +133,12 @@ class KVConnector(ABC):
     def num_in_flight(self) -> int:
         """Requests held here: waiting on or moving KV through a room."""
 
+    @property
+    def num_queued(self) -> int:
+        """Of those, the ones still waiting for admission (decode: free pages; prefill: the decode node's
+        receiver): a queue under load, not a transfer."""
+        return 0
+
     @abstractmethod
     def stats(self) -> ConnectorStats: ...
 
@@ -213,4 +219,4 @@ def make_connector(
     transfer: TransferEngine = TransferEngine(disagg.transfer, pools, layout).start()
     if disagg.role == "prefill":
         return PrefillConnector(transfer, scheduler)
-    return DecodeConnector(transfer, scheduler, disagg.reserve_tokens, disagg.page_wait_timeout, vocab_size)
+    return DecodeConnector(transfer, scheduler, disagg.reserve_tokens, disagg.transfer.queue_timeout, vocab_size)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from pd_serve.config import DisaggConfig, EngineConfig
+from pd_serve.config import ConfigError, DisaggConfig, EngineConfig
 from pd_serve.engine.connector import AbortResult, Event, KVSent, RoomFailed, make_connector
 from pd_serve.engine.detokenizer import IncrementalDetokenizer
 from pd_serve.engine.kv_cache import KVCache, num_pages_for
@@ -26,6 +26,8 @@ from pd_serve.engine.runner import ModelRunner
 from pd_serve.engine.sampling_params import SamplingParams
 from pd_serve.engine.scheduler import RequestRejected, ScheduleOutput, Scheduler, SchedulerConfig
 from pd_serve.engine.tokenizer import EngineTokenizer
+from pd_serve.intmath import div_ceil
+from pd_serve.kv_budget import kv_budget, parse_memory
 from pd_serve.model.config import load_model_config
 from pd_serve.model.loader import check_device, load_model, resolve_dtype, weights_bytes
 from pd_serve.model.source import resolve_model_path
@@ -45,9 +47,18 @@ class EngineCore:
         self.tokens = EngineTokenizer(self.model_dir, self.model_config)
         self.eos_ids = self.tokens.eos_ids
         self.model = load_model(self.model_dir, config.dtype, config.device, self.max_model_len, config.show_progress)
+        self.kv_budget_how = "--max-total-tokens"
+        budget = 0
+        if config.max_total_tokens is None:
+            try:
+                budget, self.kv_budget_how = kv_budget(parse_memory(config.kv_cache_memory), config.device)
+            except ValueError as exc:
+                raise ConfigError(f"kv_cache_memory (--kv-cache-memory): {exc}") from exc
         num_pages = num_pages_for(
-            self.model_config, self.dtype, config.page_size, config.max_total_tokens, config.kv_cache_memory
+            self.model_config, self.dtype, config.page_size, config.max_total_tokens, budget, self.kv_budget_how
         )
+        if config.max_total_tokens is None:  # more than every running request at full context never serves
+            num_pages = min(num_pages, div_ceil(config.max_running_requests * self.max_model_len, config.page_size))
         self.kv = KVCache(self.model_config, num_pages, config.page_size, self.dtype, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -70,7 +81,11 @@ class EngineCore:
 
     def memory(self) -> dict[str, int]:
         """What this engine holds on its device: the weights and the KV pools, in bytes."""
-        return {"weights_bytes": weights_bytes(self.model), "kv_cache_bytes": self.kv.nbytes}
+        return {
+            "weights_bytes": weights_bytes(self.model),
+            "kv_cache_bytes": self.kv.nbytes,
+            "kv_capacity_tokens": self.kv.num_pages * self.kv.page_size,
+        }
 
     @property
     def tokenizer(self):  # noqa: ANN201 (a transformers tokenizer)
@@ -260,6 +275,7 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
             steps=self.steps,
             num_in_transfer=self.num_in_transfer,
+            num_queued=self.connector.num_queued,
             num_requests=len(self._requests),
             **asdict(self.connector.stats()),
         )

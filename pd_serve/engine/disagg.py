@@ -68,6 +68,10 @@ class PrefillConnector(RoomConnector):
     def num_in_flight(self) -> int:
         return len(self.waiting) + len(self.computing) + len(self.sending)
 
+    @property
+    def num_queued(self) -> int:
+        return len(self.waiting)
+
     def stats(self) -> ConnectorStats:
         return self._stats(kv_pages_sent=self.pages_sent)
 
@@ -173,11 +177,11 @@ class PrefillConnector(RoomConnector):
 
 class DecodeConnector(RoomConnector):
     def __init__(
-        self, transfer: TransferEngine, scheduler: Scheduler, reserve_tokens: int, page_wait_timeout: float,
+        self, transfer: TransferEngine, scheduler: Scheduler, reserve_tokens: int, queue_timeout: float,
         vocab_size: int,
     ) -> None:
         super().__init__(transfer, scheduler)
-        self.reserve_tokens, self.page_wait_timeout = reserve_tokens, page_wait_timeout
+        self.reserve_tokens, self.queue_timeout = reserve_tokens, queue_timeout
         self.vocab_size = vocab_size
         self.pending: dict[str, _ReceiveRoom] = {}  # waiting for free pages, in arrival order
         self.receiving: dict[str, _ReceiveRoom] = {}
@@ -187,6 +191,10 @@ class DecodeConnector(RoomConnector):
     @property
     def num_in_flight(self) -> int:
         return len(self.pending) + len(self.receiving)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.pending)
 
     def stats(self) -> ConnectorStats:
         return self._stats(kv_pages_received=self.pages_received, kv_pages_reused=self.pages_reused)
@@ -243,9 +251,10 @@ class DecodeConnector(RoomConnector):
             headroom = self.scheduler.pages_for(min(self.reserve_tokens, req.params.max_tokens))
             pages = self.scheduler.allocate_pages(need, reserve=headroom)
             if pages is None:
-                if now - r.times["arrived"] > self.page_wait_timeout:
+                if now - r.times["arrived"] > self.queue_timeout:
                     del self.pending[rid]
-                    why = f"no free KV pages for {need} pages within {self.page_wait_timeout:.0f} s"
+                    why = (f"queued {self.queue_timeout:.0f} s for {need} free KV pages, in vain "
+                           "(queue_timeout, --queue-timeout)")
                     events.append(RoomFailed(req, why))
                     continue
                 break  # first come, first served

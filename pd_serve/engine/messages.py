@@ -104,6 +104,7 @@ class EngineStats:
     num_preemptions: int
     steps: int
     num_in_transfer: int = 0  # requests waiting on or moving KV through a room
+    num_queued: int = 0  # of those, waiting for admission (decode: free pages; prefill: the decode side)
     num_requests: int = 0  # requests the engine holds in any phase (0 when idle)
     rooms_succeeded: int = 0
     rooms_failed: int = 0

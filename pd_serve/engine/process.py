@@ -92,8 +92,9 @@ def run_engine(
         max_running_requests=config.max_running_requests,
         memory=memory,
     )))
-    log.info("engine ready: weights %s, KV pools %s (%d pages of %d tokens), %s",
-             mib(memory["weights_bytes"]), mib(memory["kv_cache_bytes"]), core.kv.num_pages, config.page_size,
+    log.info("engine ready: weights %s, KV pools %s (%s; %d pages of %d tokens: %d tokens), %s",
+             mib(memory["weights_bytes"]), mib(memory["kv_cache_bytes"]), core.kv_budget_how, core.kv.num_pages,
+             config.page_size, memory["kv_capacity_tokens"],
              f"transfer endpoint {core.connector.endpoint}" if core.connector.endpoint else "no transfer")
     try:
         EngineLoop(core, inp, out, stop).run()

@@ -36,6 +36,7 @@ from pd_serve.frontend.load import Admission, Refusal
 from pd_serve.frontend.metrics import FrontendMetrics
 from pd_serve.frontend.nodes import NodeSet, watch_bootstrap, watch_static
 from pd_serve.frontend.proxy import Relay, node_pool
+from pd_serve.frontend.queueing import DecodeQueue
 from pd_serve.frontend.router import Router
 from pd_serve.http_common import (
     BEARER_CHALLENGE,
@@ -81,7 +82,10 @@ class FrontendApp:
     async def start(self) -> None:
         warn_if_open(log, "frontend", self.config.cluster_token)
         self.http = upstream_client(self.config)
-        self.relay = Relay(self.config, self.nodes, self.router, node_pool(self.config), self.metrics)
+        queue = DecodeQueue(self.config.max_queued_requests, self.config.queue_timeout, self.router.decode_has_room)
+        self.nodes.load_listeners.append(queue.wake)
+        self.metrics.queue_depth.set_function(lambda: queue.depth)
+        self.relay = Relay(self.config, self.nodes, self.router, node_pool(self.config), self.metrics, queue)
         if self.config.bootstrap:
             watcher = watch_bootstrap(self.nodes, self.config.bootstrap, self.config.cluster_token)
         else:

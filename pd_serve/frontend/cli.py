@@ -122,6 +122,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         d.max_concurrent_requests,
         "generation requests in flight in all (503 with Retry-After past it, at once); 0: no limit",
     )
+    _number(
+        parser,
+        "--max-queued-requests",
+        d.max_queued_requests,
+        "requests held in this frontend's queue while every decode node is full (503 with Retry-After "
+        "past it, at once, before any work); 0: refuse at once when every decode node is full",
+    )
+    _number(
+        parser,
+        "--queue-timeout",
+        d.queue_timeout,
+        "seconds a request may wait in that queue before a 503",
+    )
     add_log_arguments(parser)
     cli_config.add_config_arguments(parser)
 
@@ -159,6 +172,8 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         max_output_tokens=args.max_output_tokens,
         max_concurrent_per_key=args.max_concurrent_per_key,
         max_concurrent_requests=args.max_concurrent_requests,
+        max_queued_requests=args.max_queued_requests,
+        queue_timeout=args.queue_timeout,
         log_level=args.log_level,
     )
 

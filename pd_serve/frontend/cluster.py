@@ -169,7 +169,7 @@ class Cluster:
             if a.transfer_backend:
                 role_args += ["--transfer-backend", a.transfer_backend]
             nodes = [
-                self._start(f"{role}-{i}", role, port, [*role_args, "--node-id", f"{role}-{i}"])
+                self._start(f"{role}-{i}", role, port, [*role_args, *getattr(a, f"{role}_arg", []), "--node-id", f"{role}-{i}"])
                 for role, count in (("prefill", a.num_prefill), ("decode", a.num_decode))
                 for i in range(count)
                 for port in (free_port(),)

@@ -54,6 +54,8 @@ class FrontendConfig:
     max_output_tokens: int = 0  # largest max_tokens / max_completion_tokens a request may ask; 0: off
     max_concurrent_per_key: int = 0  # generation requests in flight per API key (429 past it); 0: off
     max_concurrent_requests: int = 2048  # generation requests in flight in all (503 past it); 0: off
+    max_queued_requests: int = 1024  # requests waiting here while every decode node is full (503 past it)
+    queue_timeout: float = 300.0  # how long one may wait there (503 after it)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -103,13 +105,15 @@ class FrontendConfig:
             "upstream_timeout",
             "probe_interval",
             "prefix_balance",
+            "queue_timeout",
         ):
             _require(getattr(self, name) > 0, name, f"{getattr(self, name)} must be positive")
         _require(self.prefix_chars >= 1, "prefix_chars", "must be >= 1")
         _require(
             self.max_request_bytes >= 1024, "max_request_bytes", f"{self.max_request_bytes} is below 1024"
         )
-        for name in ("max_prompt_chars", "max_output_tokens", "max_concurrent_per_key", "max_concurrent_requests"):
+        for name in ("max_prompt_chars", "max_output_tokens", "max_concurrent_per_key", "max_concurrent_requests",
+                     "max_queued_requests"):
             _require(getattr(self, name) >= 0, name, f"{getattr(self, name)} must be >= 0 (0: no limit)")
         _require(
             self.log_level in ("debug", "info", "warning", "error"),

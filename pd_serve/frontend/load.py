@@ -10,12 +10,14 @@ or call `release()`, which is idempotent. Counts never go negative and never lea
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 from pd_serve.openai_errors import ErrorCode
 
 
 class LoadTracker:
-    def __init__(self) -> None:
+    def __init__(self, on_release: Callable[[], None] | None = None) -> None:
+        self._on_release = on_release  # told after every release (a node may have room again)
         self._active: defaultdict[str, int] = defaultdict(int)
         self.total: defaultdict[str, int] = defaultdict(int)  # requests ever sent, per node
 
@@ -34,6 +36,8 @@ class LoadTracker:
         self._active[node_id] -= 1
         if self._active[node_id] <= 0:
             del self._active[node_id]
+        if self._on_release is not None:
+            self._on_release()
 
 
 class LoadGuard:

@@ -47,6 +47,17 @@ class FrontendMetrics:
             registry=r,
         )
         self.live = Gauge("pd_frontend_nodes", "Live nodes by role", ["role"], registry=r)
+        self.queue_depth = Gauge(
+            "pd_frontend_queue_depth", "Requests waiting in the frontend while every decode node is full",
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "pd_frontend_queue_wait_seconds", "Time a request waited in the frontend's queue (those that waited)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_refused = Counter(
+            "pd_frontend_queue_refused", "Requests refused by the queue: full or timed out", registry=r
+        )
         self.ttft = Histogram(
             "pd_frontend_time_to_first_token_seconds",
             "Arrival to first byte relayed",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ class Node:
     layout: KVLayout | None = None  # None: unknown
     tp_size: int | None = None  # number of transfer endpoints; None: unknown (static mode)
     reported_queue: int = 0  # running + waiting as the node last reported it
+    reported_queued: int = 0  # of those, waiting for admission (a decode node: for free KV pages)
 
     @property
     def serves_decode(self) -> bool:
@@ -65,8 +66,10 @@ class NodeSet:
         self.config = config
         self.nodes: dict[str, Node] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
-        self.load = LoadTracker()
+        self.load = LoadTracker(on_release=self._load_changed)
         self.changed = asyncio.Event()  # set on every membership change (tests and /health wait on it)
+        self.load_listeners: list[Callable[[], None]] = []  # called when a node's load may have dropped
+        self._active_at_report: dict[str, int] = {}  # our requests on a node when it reported a queue
 
     def replace_all(self, nodes: Iterable[Node]) -> None:
         fresh = {n.node_id: n for n in nodes}
@@ -78,7 +81,21 @@ class NodeSet:
         if joined or left:
             log.info("nodes: %d live (joined %s, left %s)", len(fresh), sorted(joined), sorted(left))
             self.changed.set()
+        for node_id, node in fresh.items():
+            if node != self.nodes.get(node_id):  # a new report
+                self._active_at_report[node_id] = self.load.active(node_id)
+        for node_id in left:
+            self._active_at_report.pop(node_id, None)
         self.nodes = fresh
+        self._load_changed()
+
+    def full(self, node: Node) -> bool:
+        """The node reported requests queued for admission, and none of ours there ended since."""
+        return node.reported_queued > 0 and self.load.active(node.node_id) >= self._active_at_report.get(node.node_id, 0)
+
+    def _load_changed(self) -> None:
+        for listener in self.load_listeners:
+            listener()
 
     def upsert(self, node: Node) -> None:
         self.replace_all([*(n for n in self.nodes.values() if n.node_id != node.node_id), node])
@@ -122,6 +139,8 @@ class NodeSet:
                     "layout": node.layout.to_dict() if node.layout else None,
                     "active": self.load.active(node.node_id),
                     "reported_queue": node.reported_queue,
+                    "reported_queued": node.reported_queued,
+                    "full": self.full(node),
                     "requests_total": self.load.total.get(node.node_id, 0),
                     "breaker": b.state.name.lower(),
                     "consecutive_failures": b.consecutive_failures,
@@ -142,6 +161,7 @@ def node_from_record(record: Any) -> Node:
         layout=record.layout.value(),
         tp_size=len(record.transfer),
         reported_queue=record.load.running + record.load.waiting,
+        reported_queued=record.load.queued,
     )
 
 

@@ -53,6 +53,7 @@ from pd_serve.frontend.limits import prompt_text
 from pd_serve.frontend.metrics import FrontendMetrics, Timing
 from pd_serve.frontend.node_pool import NodePool
 from pd_serve.frontend.nodes import Node, NodeSet
+from pd_serve.frontend.queueing import DecodeQueue, wait_turn_or_503
 from pd_serve.frontend.router import Choice, NoPair, Router
 from pd_serve.frontend.upstream import Upstream, UpstreamError, as_upstream
 from pd_serve.http_common import Send
@@ -73,8 +74,10 @@ class Relay:
         router: Router,
         upstream: Upstream | httpx.AsyncClient,
         metrics: FrontendMetrics,
+        queue: DecodeQueue | None = None,
     ) -> None:
         self.config = config
+        self.queue = queue
         self.nodes = nodes
         self.router = router
         self.upstream = as_upstream(upstream)
@@ -87,6 +90,8 @@ class Relay:
     async def serve(self, path: str, body: dict[str, Any], raw: bytes, send: Send) -> None:
         """Answer one OpenAI generation request through `send` (ASGI), retrying as the module says."""
         timing = Timing()
+        if self.queue is not None and not await wait_turn_or_503(self.queue, self.metrics, send):
+            return
         prompt = prompt_text(body)
         exclude: frozenset[str] = frozenset()
         failure: Failure | None = None

@@ -65,7 +65,14 @@ class Router:
             raise NoPair(self._why_no_pair(exclude))
         prefill = self.prefill_policy.pick(prefills, self.nodes.load_of, prompt)
         matching = [d for d in decodes if compatible(prefill, d)]
+        matching = [d for d in matching if not self.nodes.full(d)] or matching  # prefer room over a queue
         return Choice(decode=self.decode_policy.pick(matching, self.nodes.load_of, prompt), prefill=prefill)
+
+    def decode_has_room(self) -> bool:
+        """A request can go on now: some live decode-capable node is not full, or none is known (the
+        choice then says why not)."""
+        decodes = [n for n in self.nodes.of_role("decode", "colocated") if self.nodes.available(n)]
+        return not decodes or any(not self.nodes.full(n) for n in decodes)
 
     def _alone(self, prompt: str, exclude: frozenset[str], decodes: list[Node]) -> Choice:
         if not decodes:

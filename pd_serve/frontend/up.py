@@ -99,6 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ARG",
         help="an extra argument for every prefill/decode/colocated node (repeat; e.g. --node-arg=--transfer-timeout=5)",
     )
+    for role in ("prefill", "decode"):
+        g.add_argument(
+            f"--{role}-arg", action="append", default=[], metavar="ARG",
+            help=f"an extra argument for every {role} node only, after --node-arg (e.g. --{role}-arg=--kv-cache-memory=1GiB)",
+        )
     g.add_argument(
         "--bootstrap-arg",
         action="append",

@@ -54,7 +54,8 @@ class NodeMetrics:
         self.draining = Gauge("pd_node_draining", "1 once the node drains (SIGTERM/SIGINT): no new requests",
                               registry=r)
         # disaggregation (prefill and decode nodes; zero on a colocated node)
-        self.rooms = Gauge("pd_node_transfer_rooms", "Rooms by state: live now, or finished since start",
+        self.rooms = Gauge("pd_node_transfer_rooms",
+                           "Rooms by state: live now (queued: of those, waiting for admission), or finished since start",
                            ["state"], registry=r)
         self.kv_pages = Gauge("pd_node_transfer_kv_pages", "KV pages sent (prefill), received or reused from "
                               "the local prefix cache (decode), since start", ["kind"], registry=r)
@@ -89,6 +90,7 @@ class NodeMetrics:
         self.preemptions.set(stats.num_preemptions)
         self.engine_requests.set(stats.num_requests)
         self.rooms.labels(state="live").set(stats.num_in_transfer)
+        self.rooms.labels(state="queued").set(stats.num_queued)
         self.rooms.labels(state="succeeded").set(stats.rooms_succeeded)
         self.rooms.labels(state="failed").set(stats.rooms_failed)
         self.kv_pages.labels(kind="sent").set(stats.kv_pages_sent)

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds a room may wait for its peer to know it (the other node's request)")
     g.add_argument("--transfer-waiting-timeout", type=float, default=300.0,
                    help="seconds a room may wait for its KV once both sides know it (prefill queueing)")
+    g.add_argument("--queue-timeout", type=float, default=300.0,
+                   help="seconds a request may queue for admission (decode: free KV pages; prefill: the decode "
+                        "node's admission of its room) before it fails; the room timeouts start after it")
     g.add_argument("--reserve-tokens", type=int, default=256, help="decode: tokens of headroom kept per admitted transfer")
     cli_config.add_config_arguments(parser)
 
@@ -54,6 +57,7 @@ def disagg_config(role: str, args: argparse.Namespace, server: ServerConfig, tok
         transfer_timeout=args.transfer_timeout,
         bootstrap_timeout=args.transfer_bootstrap_timeout,
         waiting_timeout=args.transfer_waiting_timeout,
+        queue_timeout=args.queue_timeout,
         token=token,
     )
     return DisaggConfig(role=role, transfer=transfer, reserve_tokens=args.reserve_tokens)

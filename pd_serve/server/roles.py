@@ -35,6 +35,7 @@ from pd_serve.server.schemas import PDParams
 
 log = logging.getLogger(__name__)
 PEER_LOOKUP_TIMEOUT_S = 5.0
+LOAD_REPORT_S = 1.0  # at most this long between load reports (heartbeats), however long the TTL
 
 
 class IncompatibleNode(RuntimeError):
@@ -114,7 +115,8 @@ class _RoleBackend(ColocatedBackend):
             capacity=Capacity(total_pages=info.num_pages, max_running_requests=info.max_running_requests),
         )
         await self._check_peers()
-        self._keeper = NodeKeeper(self._bootstrap, reg.node_id, body, load_fn=self._load)
+        # the load (queued requests, free pages) steers the frontends' queue: report it every second
+        self._keeper = NodeKeeper(self._bootstrap, reg.node_id, body, load_fn=self._load, interval=LOAD_REPORT_S)
         await self._keeper.start()
         log.info("registered as %s node %r at %s", self.disagg.role, reg.node_id, reg.bootstrap_url)
 
@@ -138,7 +140,8 @@ class _RoleBackend(ColocatedBackend):
         s = self.client.last_stats
         if s is None:
             return Load(running=0, waiting=0, free_pages=self.info.num_pages if self.info else 0)
-        return Load(running=s.num_running + s.num_in_transfer, waiting=s.num_waiting, free_pages=s.num_free_pages)
+        return Load(running=s.num_running + s.num_in_transfer, waiting=s.num_waiting, free_pages=s.num_free_pages,
+                    queued=s.num_queued)
 
 
 class PrefillBackend(_RoleBackend):

@@ -36,6 +36,9 @@ class TransferConfig:
     host: str = "127.0.0.1"  # address to bind and to publish in the endpoint
     port: int = 0  # 0: any free port
     bootstrap_timeout: float = 30.0  # Bootstrapping: until both sides know the room
+    # a sender's Bootstrapping: until the decode node admits the room (reserves its pages); a queue
+    # wait under load, not a stall, so it has its own, generous bound (also the decode node's page wait)
+    queue_timeout: float = 300.0
     waiting_timeout: float = 300.0  # WaitingForInput: until the first KV arrives / is sent
     transfer_timeout: float = 30.0  # Transferring: longest time without progress
     connect_timeout: float = 5.0  # opening the control connection to a peer
@@ -50,14 +53,16 @@ class TransferConfig:
         _require(self.backend in BACKENDS, "backend", f"{self.backend!r} is not one of {', '.join(BACKENDS)}")
         _require(bool(self.host), "host", "must not be empty")
         _require(0 <= self.port <= 65535, "port", f"{self.port} is outside 0..65535")
-        for name in ("bootstrap_timeout", "waiting_timeout", "transfer_timeout", "connect_timeout"):
+        for name in ("bootstrap_timeout", "queue_timeout", "waiting_timeout", "transfer_timeout", "connect_timeout"):
             _require(getattr(self, name) > 0, name, f"{getattr(self, name)} must be positive")
         _require(self.token is None or len(self.token) > 0, "token", "must be None or non-empty")
         _require(self.min_run_bytes >= 0, "min_run_bytes", "must be >= 0")
         _require(self.chunk_bytes >= 4096, "chunk_bytes", f"{self.chunk_bytes} is below 4096")
         _require(self.finished_rooms_kept >= 1, "finished_rooms_kept", "must be >= 1")
 
-    def timeout_for(self, state: RoomState) -> float | None:
+    def timeout_for(self, state: RoomState, role: str = "receiver") -> float | None:
+        if role == "sender" and state is RoomState.BOOTSTRAPPING:
+            return self.queue_timeout
         return {
             RoomState.BOOTSTRAPPING: self.bootstrap_timeout,
             RoomState.WAITING_FOR_INPUT: self.waiting_timeout,

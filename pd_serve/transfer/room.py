@@ -52,7 +52,7 @@ class Room:
         self._arm()
 
     def _arm(self) -> None:
-        timeout = self.config.timeout_for(self.state)
+        timeout = self.config.timeout_for(self.state, self.role)
         self.deadline = time.monotonic() + timeout if timeout is not None else float("inf")
 
     @property
@@ -88,7 +88,10 @@ class Room:
         return self.live and now > self.deadline
 
     def timeout_reason(self) -> str:
-        seconds = self.config.timeout_for(self.state)
+        seconds = self.config.timeout_for(self.state, self.role)
+        if self.role == "sender" and self.state is RoomState.BOOTSTRAPPING:
+            return (f"timed out after {seconds} s waiting for the decode node to admit the room "
+                    "(queue_timeout, --queue-timeout)")
         flag = {
             RoomState.BOOTSTRAPPING: "bootstrap_timeout",
             RoomState.WAITING_FOR_INPUT: "waiting_timeout",

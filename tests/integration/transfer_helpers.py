@@ -42,6 +42,7 @@ def local_engine(
         backend=backend,
         token=token,
         bootstrap_timeout=wait_s if bootstrap_timeout is None else bootstrap_timeout,
+        queue_timeout=wait_s,
         waiting_timeout=wait_s,
         transfer_timeout=wait_s,
         connect_timeout=wait_s if connect_timeout is None else connect_timeout,

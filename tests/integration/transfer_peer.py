@@ -53,6 +53,7 @@ def config(backend: str, token: str | None, timeout: float = TIMEOUT_S) -> Trans
     return TransferConfig(
         backend=backend,
         bootstrap_timeout=timeout,
+        queue_timeout=timeout,
         waiting_timeout=timeout,
         transfer_timeout=timeout,
         connect_timeout=timeout,

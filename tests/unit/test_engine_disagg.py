@@ -21,7 +21,7 @@ from pd_serve.transfer import TransferConfig
 @pytest.fixture(scope="module")
 def pair(demo_dir: Path):
     config = EngineConfig(model=str(demo_dir), max_total_tokens=2048, show_progress=False, chunked_prefill_size=64)
-    transfer = TransferConfig(backend="tcp", bootstrap_timeout=5, waiting_timeout=10, transfer_timeout=5)
+    transfer = TransferConfig(backend="tcp", bootstrap_timeout=5, queue_timeout=5, waiting_timeout=10, transfer_timeout=5)
     p = EngineCore(config, DisaggConfig("prefill", transfer))
     d = EngineCore(config, DisaggConfig("decode", transfer))
     yield p, d, config

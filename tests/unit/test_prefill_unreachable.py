@@ -28,7 +28,7 @@ def _refused_endpoint() -> str:
 
 def test_a_refused_transfer_endpoint_fails_the_request_as_prefill_unreachable(demo_dir: Path) -> None:
     config = EngineConfig(model=str(demo_dir), max_total_tokens=512, show_progress=False)
-    transfer = TransferConfig(backend="tcp", bootstrap_timeout=5, waiting_timeout=10, transfer_timeout=5)
+    transfer = TransferConfig(backend="tcp", bootstrap_timeout=5, queue_timeout=5, waiting_timeout=10, transfer_timeout=5)
     d = EngineCore(config, DisaggConfig("decode", transfer))
     try:
         d.add_request("r", [5, 6, 7, 8], SamplingParams(max_tokens=2), m.PDSpec(7, _refused_endpoint()))
@@ -68,7 +68,7 @@ def test_the_decode_backend_names_the_prefill_node_by_the_code_alone(demo_dir: P
         pd = PDParams(room=1, prefill="p0", decode="d0", prefill_url="http://127.0.0.1:2")
         out = [d async for d in backend.generate([1, 2], SamplingParams(), "a", pd)]
         out += [d async for d in backend.generate([1, 2], SamplingParams(), "b", pd)]
-        await backend._http.aclose()
+        await backend._directory.aclose()
         return out
 
     named, other = asyncio.run(run())

@@ -188,8 +188,18 @@ def test_room_moves_forward_only_and_times_out() -> None:
     assert room.fail("x") and not room.fail("y") and room.failure_reason == "x"
     room.advance(RoomState.SUCCESS)
     assert room.state is RoomState.FAILED
-    fresh = Room(2, "sender", TransferConfig(bootstrap_timeout=0.01))
+    fresh = Room(2, "receiver", TransferConfig(bootstrap_timeout=0.01))
     assert fresh.expired(time.monotonic() + 1) and "bootstrap_timeout" in fresh.timeout_reason()
+
+
+def test_a_sender_waits_for_admission_under_the_queue_timeout_not_the_bootstrap_timeout() -> None:
+    """A prefill room waiting for the decode node to admit it is queued, not stalled (issue 19)."""
+    config = TransferConfig(bootstrap_timeout=0.01, queue_timeout=60.0)
+    sender = Room(3, "sender", config)
+    assert not sender.expired(time.monotonic() + 1)
+    assert sender.expired(time.monotonic() + 61) and "queue_timeout" in sender.timeout_reason()
+    sender.advance(RoomState.WAITING_FOR_INPUT)  # admitted: the room timeouts apply from here
+    assert sender.deadline < time.monotonic() + config.waiting_timeout + 1
 
 
 def test_failed_room_reports_transferring_while_a_write_is_in_flight() -> None:
