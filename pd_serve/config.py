@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from pd_serve.kv_budget import parse_memory
+from pd_serve.kv_budget import parse_cpu_list, parse_memory
 
 if TYPE_CHECKING:  # the transfer package imports torch; flags and --help must not
     from pd_serve.transfer.config import TransferConfig
@@ -49,6 +49,8 @@ class EngineConfig:
     chunked_prefill_size: int = 2048  # per-step token budget
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
+    # the CPUs the engine process runs on ("0-3,8"; its torch threads: as many); None: all it may use
+    cpus: str | None = None
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -73,6 +75,11 @@ class EngineConfig:
             require(self.max_model_len >= 1, "max_model_len", "must be at least 1")
         require(self.max_running_requests >= 1, "max_running_requests", "must be at least 1")
         require(self.chunked_prefill_size >= 1, "chunked_prefill_size", "must be at least 1")
+        if self.cpus is not None:
+            try:
+                parse_cpu_list(self.cpus)
+            except ValueError as exc:
+                require(False, "cpus", str(exc))
         require(
             self.attention_backend in ("auto", "torch", "triton"),
             "attention_backend",
@@ -127,6 +134,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--disable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=True
     )
     g.add_argument("--attention-backend", default=d.attention_backend, choices=("auto", "torch", "triton"))
+    g.add_argument(
+        "--cpus", default=None,
+        help="CPUs the engine process runs on, e.g. 0-3,8 (its compute threads: one per CPU); default: all "
+        "(pd-serve up gives each node its own share when there are enough)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

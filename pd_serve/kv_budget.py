@@ -1,4 +1,5 @@
-"""How many bytes the KV pools get: `--kv-cache-memory` as a size or as a share of free memory.
+"""The machine share of one engine: the bytes of its KV pools (`--kv-cache-memory`, a size or a share
+of free memory) and the CPUs it computes on (`--cpus`).
 
 The flag takes a size (`4GiB`, `512MiB`, `2G`, `268435456`: bytes) or a fraction in (0, 1] of the
 device memory still free once the weights are loaded (`0.5`); `auto` (the default) is a fraction
@@ -112,3 +113,33 @@ def _cgroup_left() -> int | None:
         return max(0, int(limit) - int((base / "memory.current").read_text()))
     except (OSError, IndexError, ValueError):
         return None
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """`0-3,8` -> [0, 1, 2, 3, 8]; ValueError names the problem."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{text!r} is not a CPU list such as 0-3,8")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"{text!r}: the range {part.strip()} runs backwards")
+        cpus.update(range(first, last + 1))
+    return sorted(cpus)
+
+
+def split_cpus(cpus: list[int], shares: list[int]) -> list[str] | None:
+    """`cpus` cut into one contiguous CPU list per entry of `shares` (weights), every part non-empty;
+    None when there are fewer CPUs than parts."""
+    if len(cpus) < len(shares) or not shares:
+        return None
+    counts = [1] * len(shares)
+    for _ in range(len(cpus) - len(shares)):  # the rest, one at a time, to the most underserved
+        i = min(range(len(shares)), key=lambda j: (counts[j] / shares[j], -j))  # ties: the later part
+        counts[i] += 1
+    out, start = [], 0
+    for n in counts:
+        out.append(",".join(map(str, cpus[start : start + n])))
+        start += n
+    return out

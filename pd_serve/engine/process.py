@@ -74,6 +74,15 @@ def run_engine(
     try:
         from pd_serve.engine.core import EngineCore
 
+        if config.cpus is not None:  # before torch starts its thread pools
+            import torch
+
+            from pd_serve.kv_budget import parse_cpu_list
+
+            cpus = parse_cpu_list(config.cpus)
+            os.sched_setaffinity(0, cpus)
+            torch.set_num_threads(len(cpus))
+            log.info("engine pinned to CPUs %s (%d threads)", config.cpus, len(cpus))
         core = EngineCore(config, disagg)
     except Exception as exc:  # reported to the API process, which exits with the message
         out.send(m.encode(m.Reply("failed", {"error": f"{type(exc).__name__}: {exc}"})))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pd_serve.config import add_engine_arguments
 from pd_serve.frontend.cli import API_KEYS_ENV
+from pd_serve.kv_budget import split_cpus
 
 READY_POLL_S = 0.2
 _PR_SET_PDEATHSIG = 1
@@ -151,6 +152,17 @@ class Cluster:
             self.frontend = fresh
         self.write_manifest()
 
+    def _cpu_shares(self, engines: int) -> list[list[str]]:
+        """Per node, `--cpus LIST`: the CPUs `up` may use cut into one share per engine, so that engines
+        on one host do not take turns on the same cores; nothing when the user chose (`--cpus`, or in
+        a node argument) or when there are fewer CPUs than engines."""
+        a = self.args
+        extra = [*a.node_arg, *getattr(a, "prefill_arg", []), *getattr(a, "decode_arg", [])]
+        if getattr(a, "cpus", None) is not None or any(x.startswith("--cpus") for x in extra):
+            return [[] for _ in range(engines)]
+        shares = split_cpus(sorted(os.sched_getaffinity(0)), [1] * engines)
+        return [["--cpus", s] for s in shares] if shares else [[] for _ in range(engines)]
+
     def start(self) -> str:
         """Start every child and wait until the frontend is healthy; returns the frontend URL."""
         a = self.args
@@ -168,11 +180,13 @@ class Cluster:
             role_args = [*node_args, "--bootstrap", self.bootstrap.url]
             if a.transfer_backend:
                 role_args += ["--transfer-backend", a.transfer_backend]
+            names = [(role, i) for role, count in (("prefill", a.num_prefill), ("decode", a.num_decode))
+                     for i in range(count)]  # fmt: skip
+            cpus = self._cpu_shares(len(names))
             nodes = [
-                self._start(f"{role}-{i}", role, port, [*role_args, *getattr(a, f"{role}_arg", []), "--node-id", f"{role}-{i}"])
-                for role, count in (("prefill", a.num_prefill), ("decode", a.num_decode))
-                for i in range(count)
-                for port in (free_port(),)
+                self._start(f"{role}-{i}", role, free_port(),
+                            [*role_args, *cpus[k], *getattr(a, f"{role}_arg", []), "--node-id", f"{role}-{i}"])
+                for k, (role, i) in enumerate(names)
             ]
             self._wait(nodes)
             nodes_flag = ["--bootstrap", self.bootstrap.url]

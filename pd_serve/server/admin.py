@@ -21,6 +21,7 @@ from pd_serve.metrics_common import CONTENT_TYPE
 from pd_serve.openai_errors import ErrorCode
 from pd_serve.server.errors import APIError
 from pd_serve.server.formatting import JSONResponse
+from pd_serve.server.sglang_info import sglang_server_info
 from pd_serve.server.state import NodeState
 
 DEFAULT_PROFILE_DIR = "/tmp/pd-serve-profiles"
@@ -48,7 +49,7 @@ def add_admin_routes(app: FastAPI, state: NodeState) -> None:
         stats = await state.backend.stats()
         info = state.info
         assert info is not None  # alive: started
-        return {
+        return sglang_server_info(state, stats) | {  # ours win: SGLang's fields only fill in
             "role": state.backend.role,
             "model": state.model_name,
             "model_dir": info.model_dir,

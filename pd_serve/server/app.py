@@ -1,5 +1,6 @@
 """The node's FastAPI app: OpenAI routes, the lifespan with its drain signals, and error handlers;
-health, metrics and the rest of the admin sidecar are added from `admin.py`.
+health, metrics and the rest of the admin sidecar are added from `admin.py`, SGLang's routes (smg)
+from `sglang_compat.py`.
 
 `create_app(state)` builds it around a `NodeState`; the ASGI lifespan starts the state (engine
 process and tokenizer) and stops it. Routes parse and validate, then hand over to
@@ -28,9 +29,13 @@ from pd_serve.openai_errors import ErrorCode, error_body
 from pd_serve.server.admin import add_admin_routes
 from pd_serve.server.errors import APIError
 from pd_serve.server.formatting import JSONResponse
+from pd_serve.server.grpc_server import start_grpc_server
 from pd_serve.server.middleware import PD_PATHS, guard
 from pd_serve.server.schemas import ChatCompletionRequest, CompletionRequest, param_from_location
 from pd_serve.server.serving import OpenAIServing
+from pd_serve.server.sglang_bootstrap import start_bootstrap_listener
+from pd_serve.server.sglang_compat import add_sglang_routes
+from pd_serve.server.sglang_pd import with_sglang_pd
 from pd_serve.server.state import DRAIN_SIGNAL, DRAINED_SIGNAL, NodeState
 
 log = logging.getLogger(__name__)
@@ -65,10 +70,17 @@ def create_app(state: NodeState) -> Any:
         for _signal in drain_signals:  # a SIGTERM came while starting: drain (nothing in flight) and stop
             _background_drain(state, supervisor)
         orphan_watch = loop.create_task(_stop_without_supervisor(state, supervisor))
+        bootstrap_port = grpc = None
         try:
+            bootstrap_port = await start_bootstrap_listener(state)  # a prefill node's --bootstrap-port
+            grpc = await start_grpc_server(state)  # --grpc-port: smg's grpc:// workers
             yield
         finally:
             orphan_watch.cancel()
+            if grpc is not None:
+                await grpc.close()
+            if bootstrap_port is not None:
+                await bootstrap_port.close()
             await state.stop()
             if drain_signals:  # stopped on its own during a drain (a signal to the whole group); not
                 # when the supervisor stopped this worker unasked (Granian's SIGHUP reload): that
@@ -81,6 +93,7 @@ def create_app(state: NodeState) -> Any:
     _add_error_handlers(app)
     _add_openai_routes(app, state, serving)
     add_admin_routes(app, state)
+    add_sglang_routes(app, state, lambda request: lambda: _hung_up(request))
     counted = CountGenerations(app, state)
     return guard(counted, state.config.api_key, state.config.max_request_bytes, state.metrics, state.config.cluster_token)
 
@@ -147,11 +160,11 @@ async def _hung_up(request: Request) -> None:
 def _add_openai_routes(app: FastAPI, state: NodeState, serving: OpenAIServing) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        return await serving.chat(body, lambda: _hung_up(request))
+        return await serving.chat(with_sglang_pd(body, state.backend.role), lambda: _hung_up(request))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        return await serving.completions(body, lambda: _hung_up(request))
+        return await serving.completions(with_sglang_pd(body, state.backend.role), lambda: _hung_up(request))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

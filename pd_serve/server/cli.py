@@ -72,6 +72,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM/SIGINT: seconds in-flight requests may run on while new ones get 503, before the "
         "rest is aborted (a second signal aborts at once); 0: abort at once",
     )
+    g.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve SGLang's scheduler gRPC service (smg's grpc://HOST:PORT workers) on this port (default: off)",
+    )
+    g.add_argument(
+        "--grpc-max-message-bytes",
+        type=int,
+        default=d.grpc_max_message_bytes,
+        help="largest gRPC message received or sent on --grpc-port",
+    )
     add_log_arguments(g)
     add_engine_arguments(parser)
     cli_config.add_config_arguments(parser)
@@ -92,6 +104,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServerCon
         served_model_name=args.served_model_name,
         log_level=args.log_level,
         drain_timeout=args.drain_timeout,
+        grpc_port=args.grpc_port,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
     )
     return engine, server
 
@@ -109,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
             return cli_config.print_config(args)
         check_model_source(engine.model)
         check_port_free(server.host, server.port)
+        if server.grpc_port is not None:
+            check_port_free(server.host, server.grpc_port)
     except (ConfigError, ServerConfigError, BootstrapConfigError, TypeError, ValueError) as exc:
         print(f"pd-serve {ROLE}: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2

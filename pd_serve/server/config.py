@@ -40,6 +40,12 @@ class ServerConfig:
     # on SIGTERM/SIGINT: seconds in-flight requests may run on (no new work taken) before the rest
     # is aborted; 0: abort at once
     drain_timeout: float = 0.0
+    # prefill role: the port where decode nodes driven by SGLang's router fields (smg) read its transfer
+    # endpoint (`bootstrap_host:bootstrap_port`); None: its HTTP port answers
+    bootstrap_port: int | None = None
+    # SGLang's scheduler gRPC service (smg's `grpc://` workers) on this port, beside HTTP; None: off
+    grpc_port: int | None = None
+    grpc_max_message_bytes: int = 64 * 1024 * 1024  # largest gRPC message either way
 
     def __post_init__(self) -> None:
         _require(bool(self.host), "host", "must not be empty")
@@ -56,6 +62,16 @@ class ServerConfig:
         for name in ("ssl_certfile", "ssl_keyfile"):
             path = getattr(self, name)
             _require(path is None or os.path.isfile(path), name, f"{path!r} is not a readable file")
+        if self.bootstrap_port is not None:
+            _require(1 <= self.bootstrap_port <= 65535, "bootstrap_port", f"{self.bootstrap_port} is outside 1..65535")
+        if self.grpc_port is not None:
+            _require(1 <= self.grpc_port <= 65535, "grpc_port", f"{self.grpc_port} is outside 1..65535")
+            _require(self.grpc_port != self.port, "grpc_port", f"{self.grpc_port} is the HTTP port (--port); give another")
+        _require(
+            1024 <= self.grpc_max_message_bytes <= 2**31 - 1,
+            "grpc_max_message_bytes",
+            f"{self.grpc_max_message_bytes} is outside 1024..{2**31 - 1} (gRPC's limit)",
+        )
         _require(self.max_request_bytes >= 1024, "max_request_bytes", f"{self.max_request_bytes} is below 1024")
         _require(self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0")
         if self.served_model_name is not None:
@@ -88,4 +104,7 @@ class ServerConfig:
             "profile_dir": self.profile_dir,
             "served_model_name": self.served_model_name,
             "drain_timeout": self.drain_timeout,
+            "bootstrap_port": self.bootstrap_port,
+            "grpc_port": self.grpc_port,
+            "grpc_max_message_bytes": self.grpc_max_message_bytes,
         }

@@ -9,6 +9,8 @@ that carries a top-level `pd` object (it would create a transfer room: receive K
 the internal routes (`/flush_cache`, profiling) need `X-PD-Cluster-Token: <token>`, the header the
 frontend sends to every node; without it 401, with a wrong one 403. The header is separate from the
 API key so that a client's key, valid for plain requests to a decode node, never opens the pd plane.
+SGLang's router fields (`bootstrap_room` ...) open a room as `pd` does, and `Authorization: Bearer
+<token>` (what smg sends as a worker's API key) is accepted as the cluster token too.
 Only requests without a valid header have their body parsed here, so the frontend's path costs one
 constant-time compare.
 """
@@ -27,6 +29,7 @@ from pd_serve.http_common import (
     Receive,
     Scope,
     Send,
+    bearer_value,
     header_value,
     read_body,
     replay,
@@ -35,13 +38,17 @@ from pd_serve.http_common import (
 )
 from pd_serve.openai_errors import ErrorCode, error_body
 from pd_serve.server.metrics import NodeMetrics
+from pd_serve.server.schemas import SGLANG_PD_FIELDS
+from pd_serve.server.sglang_bootstrap import BOOTSTRAP_ROUTE
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
-PD_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-INTERNAL_PATHS = frozenset({"/flush_cache", "/start_profile", "/stop_profile"})
+# BOOTSTRAP_ROUTE: open to a decode node without the API key, never without the cluster token
+OPEN_PATHS = frozenset({"/health", "/metrics", BOOTSTRAP_ROUTE})
+PD_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/generate"})
+INTERNAL_PATHS = frozenset({"/flush_cache", "/start_profile", "/stop_profile", BOOTSTRAP_ROUTE})
 _UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>' with the node's --api-key"
 _HEADER_NAME = "X-PD-Cluster-Token"
-_HOW = "(the cluster token of --cluster-token-file or PD_SERVE_CLUSTER_TOKEN, which the frontend sends)"
+_HOW = ("(the cluster token of --cluster-token-file or PD_SERVE_CLUSTER_TOKEN, which the frontend sends; "
+        "'Authorization: Bearer <token>' also does, as smg's --api-key)")
 
 
 def guard(
@@ -80,9 +87,10 @@ class ClusterPlane:
             await self.app(scope, receive, send)
             return
         given = header_value(scope, CLUSTER_TOKEN_HEADER.encode())
-        if token_ok(given, self._token):
+        if token_ok(given, self._token) or token_ok(bearer_value(scope), self._token):
             await self.app(scope, receive, send)
             return
+        given = bearer_value(scope) if given is None else given  # a wrong token is 403, a missing one 401
         if path in INTERNAL_PATHS:
             await _refuse(send, given, f"{path} is internal to the cluster")
             return
@@ -91,13 +99,15 @@ class ClusterPlane:
         except BodyCut as cut:
             body = cut.partial
         if carries_pd(body):
-            await _refuse(send, given, "a request with 'pd' (a KV transfer room) may come only from the frontend")
+            what = "a request with 'pd' or bootstrap_* (a KV transfer room) may come only from the frontend or smg"
+            await _refuse(send, given, what)
             return
         await self.app(scope, replay(body, receive), send)
 
 
 def carries_pd(body: bytes) -> bool:
-    """True when the body is a JSON object with a top-level `pd` key (any value, null included).
+    """True when the body is a JSON object with a top-level `pd` key, or one of SGLang's router fields
+    (any value, null included).
 
     What orjson refuses is parsed again the way the app parses bodies (the standard library, which
     also takes NaN and Infinity), so no body reaches the app with a `pd` this check did not see."""
@@ -108,7 +118,7 @@ def carries_pd(body: bytes) -> bool:
             parsed = json.loads(body)
         except ValueError:
             return False  # the app answers 400 for it; it cannot open a room
-    return isinstance(parsed, dict) and "pd" in parsed
+    return isinstance(parsed, dict) and any(key in parsed for key in ("pd", *SGLANG_PD_FIELDS))
 
 
 async def _refuse(send: Send, given: bytes | None, what: str) -> None:

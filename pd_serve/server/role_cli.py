@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-timeout", type=float, default=300.0,
                    help="seconds a request may queue for admission (decode: free KV pages; prefill: the decode "
                         "node's admission of its room) before it fails; the room timeouts start after it")
+    g.add_argument("--bootstrap-port", type=int, default=None,
+                   help="prefill: port answering decode nodes that smg drives (SGLang's bootstrap_port, given to "
+                        "smg after the prefill URL) with the transfer endpoint, behind the cluster token "
+                        "(default: the HTTP port answers)")
     g.add_argument("--reserve-tokens", type=int, default=256, help="decode: tokens of headroom kept per admitted transfer")
     cli_config.add_config_arguments(parser)
 
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         args = cli_config.resolve(args, ServerConfigError)
         engine, server = node_cli.configs_from_args(args)
         token = read_cluster_token(args.cluster_token_file, ServerConfigError)
-        server = dataclasses.replace(server, cluster_token=token)
+        server = dataclasses.replace(server, cluster_token=token, bootstrap_port=args.bootstrap_port)
         disagg = disagg_config(role, args, server, token)
         http_url = args.advertise_url or f"http{'s' if server.ssl_certfile else ''}://{server.host}:{server.port}"
         node_id = args.node_id or f"{role}-{server.host}-{server.port}".replace(":", "-")
@@ -90,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
             return cli_config.print_config(args)
         check_model_source(engine.model)
         check_port_free(server.host, server.port)
+        own = server.bootstrap_port
+        if role == "prefill" and own is not None and own != server.port:
+            check_port_free(server.host, own)  # its own listener (sglang_bootstrap.BootstrapListener)
     except (ConfigError, ServerConfigError, BootstrapConfigError, TransferConfigError, OSError, TypeError, ValueError) as exc:
         print(f"pd-serve {role}: {cli_config.explain(exc, args)}", file=sys.stderr)
         return 2

@@ -21,8 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from pd_serve.config import DisaggConfig, EngineConfig
 from pd_serve.engine import messages as m
 from pd_serve.engine.messages import EngineReady
@@ -32,9 +30,9 @@ from pd_serve.openai_errors import ErrorCode
 from pd_serve.server.backend import ColocatedBackend
 from pd_serve.server.errors import bad_request
 from pd_serve.server.schemas import PDParams
+from pd_serve.server.sglang_bootstrap import PrefillDirectory
 
 log = logging.getLogger(__name__)
-PEER_LOOKUP_TIMEOUT_S = 5.0
 LOAD_REPORT_S = 1.0  # at most this long between load reports (heartbeats), however long the TTL
 
 
@@ -169,10 +167,10 @@ class DecodeBackend(_RoleBackend):
     def __init__(self, config: EngineConfig, disagg: DisaggConfig, registration: Registration) -> None:
         super().__init__(config, disagg, registration)
         self._peers: Any = None
-        self._http = httpx.AsyncClient(timeout=PEER_LOOKUP_TIMEOUT_S)
+        self._directory = PrefillDirectory(registration.token)  # pd.prefill_url -> transfer endpoint
 
     async def shutdown(self) -> None:
-        await self._http.aclose()
+        await self._directory.aclose()
         await super().shutdown()
 
     def check_pd(self, pd: PDParams | None) -> None:
@@ -201,6 +199,8 @@ class DecodeBackend(_RoleBackend):
                 # fault, not this node's, so the frontend retries without it
                 if self._peers:
                     self._peers.invalidate(pd.prefill)  # a restarted prefill node listens on a new port
+                if pd.prefill_url:
+                    self._directory.invalidate(pd.prefill_url)
                 delta = dataclasses.replace(delta, error=f"prefill node {pd.prefill!r}: {delta.error}")
             yield delta
 
@@ -209,18 +209,9 @@ class DecodeBackend(_RoleBackend):
         code: param "pd" for a bad request; no param for a cluster problem (a registry that cannot
         answer now: 503, and the frontend tries another pair). With the bootstrap service
         unreachable, the last record seen for the node is used."""
-        if pd.prefill_url:
-            try:
-                r = await self._http.get(pd.prefill_url.rstrip("/") + "/server_info")
-                r.raise_for_status()
-                endpoint = r.json().get("transfer_endpoint")
-            except (httpx.HTTPError, ValueError) as exc:
-                problem = f"prefill node {pd.prefill_url}: /server_info failed: {exc}"
-                return None, problem, None, ErrorCode.PREFILL_UNREACHABLE
-            if not endpoint:
-                problem = f"prefill node {pd.prefill_url} reports no transfer endpoint (is it a prefill node?)"
-                return None, problem, "pd", None
-            return str(endpoint), "", None, None
+        if pd.prefill_url:  # the frontend's static mode, or smg's bootstrap_host:bootstrap_port
+            assert self.info is not None
+            return await self._directory.lookup(pd.prefill_url, self.info.layout)
         from pd_serve.bootstrap.client import BootstrapError, NodeNotFound, PeerCache
 
         if self._peers is None:

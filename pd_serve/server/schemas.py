@@ -31,6 +31,7 @@ def _unicode(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_unicode)]
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Room = Annotated[int, Field(ge=0, lt=2**63)]  # a transfer room id: 63 bits, as SGLang draws them
 
 
 class _Body(BaseModel):
@@ -45,10 +46,21 @@ class PDParams(_Body):
     """Which prefill/decode pair serves a disaggregated request, and its transfer room."""
 
     model_config = ConfigDict(extra="forbid")
-    room: Annotated[int, Field(ge=0, lt=2**63)]
+    room: Room
     prefill: Text
     decode: Text
     prefill_url: Text | None = None  # without a bootstrap service: where the decode node finds the prefill node
+
+
+# SGLang's router fields (smg in PD mode), each a scalar or one value per prompt/choice;
+# `sglang_pd.with_sglang_pd` maps them onto `pd`. A body with any of them needs the cluster token.
+SGLANG_PD_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
+
+
+class SGLangPDFields(_Body):
+    bootstrap_host: Text | list[Text | None] | None = None
+    bootstrap_port: Annotated[int, Field(ge=0, le=65535)] | list[int | None] | None = None
+    bootstrap_room: Room | list[Room] | None = None
 
 
 class TextPart(_Body):
@@ -68,7 +80,7 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
 
-class _GenerationRequest(_Body):
+class _GenerationRequest(SGLangPDFields):
     """Fields shared by chat and text completions."""
 
     model: Text

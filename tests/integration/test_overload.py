@@ -92,15 +92,13 @@ def test_past_the_frontend_queue_limit_requests_get_503_before_any_work(cluster:
         wait_for(lambda: _decode_node(cluster)["full"], 60.0, "the decode node reported as full")
         late = _burst(cluster.url, 200, 12)
         early = first.result(timeout=REQUEST_TIMEOUT_S)
-    for status, answer, _ in early:
-        _check_complete(status, answer)
-    refused = [(answer, headers) for status, answer, headers in late if status == 503]
-    assert refused, "the frontend queue (limit 2) let 12 requests through to a full decode node"
-    for answer, headers in refused:
+    refused = [(answer, headers) for status, answer, headers in early + late if status == 503]
+    assert any(status == 503 for status, _, _ in late), "the frontend queue (limit 2) let 12 requests through to a full decode node"
+    for answer, headers in refused:  # refused at once, before any node worked on them
         assert isinstance(answer, dict) and answer["error"]["code"] == "overloaded", answer
         assert "retry-after" in headers
-    for status, answer, _ in late:
-        if status != 503:
+    for status, answer, _ in early + late:  # everything else completes (a loaded machine may delay the
+        if status != 503:  # first burst's requests past the moment the node is seen full: refused too)
             _check_complete(status, answer)
     metrics = httpx.get(f"{cluster.url}/metrics", headers=cluster.headers, timeout=10).text
     assert f"pd_frontend_queue_refused_total {float(len(refused))}" in metrics

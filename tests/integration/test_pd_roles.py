@@ -19,7 +19,7 @@ from pd_cluster import Cluster, RoleProcess, pd_request
 from server_helpers import NodeProcess
 
 NODE_ARGS = ["--chunked-prefill-size", "64", "--max-total-tokens", "8192", "--transfer-timeout", "5",
-             "--transfer-bootstrap-timeout", "5"]
+             "--transfer-bootstrap-timeout", "5", "--queue-timeout", "5"]
 PROMPTS = [("The decode node " * n).strip() for n in (1, 3, 9, 30, 2, 14, 45, 5)] * 2  # some over 64 tokens
 
 
@@ -244,7 +244,8 @@ def test_node_deaths_fail_rooms_cleanly(cluster: Cluster) -> None:
     asyncio.run(restarted())
     _assert_no_leak(c.decode)
 
-    # then the decode node dies: the prefill's room times out and frees its state
+    # then the decode node dies: the prefill's room, never admitted, ends at the queue timeout and frees
+    # its state (behind a frontend it ends sooner: the frontend cancels the prefill request)
     _kill(c.decode)
 
     async def orphan() -> None:

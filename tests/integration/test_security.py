@@ -41,7 +41,8 @@ class SecureCluster:
         self.bootstrap = BootstrapProcess(args=["--node-ttl", "5", *secret])
         self.children: list[ChildProcess] = [self.bootstrap]
         try:
-            node_args = [*secret, "--transfer-bootstrap-timeout", str(WAIT_S), "--log-level", "info"]
+            node_args = [*secret, "--transfer-bootstrap-timeout", str(WAIT_S), "--queue-timeout", str(WAIT_S),
+                         "--log-level", "info"]
             self.prefill = RoleProcess("prefill", self.bootstrap.url, node_args, wait=False)
             self.children.append(self.prefill)
             self.decode = RoleProcess("decode", self.bootstrap.url, node_args, wait=False)
@@ -124,12 +125,15 @@ def test_b_a_receiver_without_the_token_gets_no_kv(cluster: SecureCluster) -> No
 def test_c_pd_requests_need_the_token(cluster: SecureCluster, role: str) -> None:
     node: RoleProcess = getattr(cluster, role)
     pd = {"room": secrets.randbits(63), "prefill": cluster.prefill.node_id, "decode": cluster.decode.node_id}
-    for headers, status in (({}, 401), ({"X-PD-Cluster-Token": "wrong"}, 403), ({"Authorization": f"Bearer {TOKEN}"}, 401)):
+    wrong = ({}, 401), ({"X-PD-Cluster-Token": "wrong"}, 403), ({"Authorization": "Bearer wrong"}, 403)
+    for headers, status in wrong:
         r = httpx.post(f"{node.url}/v1/chat/completions", json={**CHAT, "pd": pd}, headers=headers, timeout=30)
         assert r.status_code == status and r.json()["error"]["param"] == "pd"
         assert "X-PD-Cluster-Token" in r.json()["error"]["message"]
         flush = httpx.post(f"{node.url}/flush_cache", headers=headers, timeout=30)
         assert flush.status_code == status
+    # the token as a bearer (how smg sends a worker's --api-key) opens the internal routes too
+    assert httpx.post(f"{node.url}/flush_cache", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).status_code == 200
     idle = _info(node)["idle"]
     assert idle["rooms"] == idle["engine_requests"] == idle["transfer_live_receivers"] == idle["transfer_live_senders"] == 0
     assert idle["transfer_pending_room_requests"] == 0 and idle["pages_free"] == idle["pages_total"]
