@@ -100,8 +100,8 @@ def request_body(cfg: BenchConfig, item: Item) -> dict[str, Any]:
 
 def _is_token_chunk(choice: dict[str, Any], chat: bool) -> bool:
     """A chunk that carries (possibly empty) generated text; chat's role-only prelude is not one."""
-    if not chat:
-        return "text" in choice
+    if not chat:  # llama-server ends with an empty text that only carries the finish reason: not a token
+        return "text" in choice and not (choice["text"] == "" and choice.get("finish_reason"))
     delta = choice.get("delta") or {}
     if delta.get("content") is None:
         return False
