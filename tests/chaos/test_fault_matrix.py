@@ -311,6 +311,9 @@ def test_kill_decode_while_requests_queue_on_it(cluster: UpCluster) -> None:
     """A decode node dies with requests queued for its KV pages (issue 19): long answers from many
     clients fill its 2048-token pool, the rest wait; kill -9 then. The queued requests had no byte sent
     yet: the frontend retries them elsewhere; nothing hangs, nothing leaks on the nodes left."""
+    for name, pid in KILLED.items():  # the other decode node must be up to take the retries
+        cluster.wait_restarted(name, pid, RESTART_TIMEOUT_S)
+    wait_for(lambda: registered(cluster) == NODES, 30, "the restarted nodes registered again")
     config = TrafficConfig(clients=24, min_words=30, max_words=60, max_tokens=(150, 200),
                            timeout=REQUEST_TIMEOUT_S, seed=11)  # fmt: skip
     t = Traffic(cluster.url, config).start()
