@@ -7,12 +7,22 @@ output tokens each request asked for. Prints JSON with output tokens/s of each a
     python bench/bench_engine.py                 # 256 requests, the demo model
     python bench/bench_engine.py --num-requests 64 --skip-transformers
     python bench/bench_engine.py --model smollm2 --num-requests 32 --max-total-tokens 32768
+
+`--decode 1,16,64` measures decode steps alone instead: that many sequences with `--prompt-len`-token
+prompts are prefilled, then `--steps` decode steps are timed; it reports ms per step (at batch 1,
+the single-stream ms/token) and output tok/s. `--compare-layer-ops` alternates the runner's dense
+ops between the C kernels and torch within the same run (interleaved rounds, medians), for A/B
+figures on a noisy machine:
+
+    python bench/bench_engine.py --model smollm2 --decode 1,16,64 --steps 40 --compare-layer-ops
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import Item, sharegpt_like  # noqa: E402
 
 from pd_serve import LLM, SamplingParams  # noqa: E402
+from pd_serve.kernels import layer_ops  # noqa: E402
 from pd_serve.model.source import resolve_model_path  # noqa: E402
 
 
@@ -37,6 +48,50 @@ def run_engine(model: str, items: list[Item], options: dict[str, object]) -> dic
     assert tokens == sum(it.output_len for it in items), "engine produced a wrong number of tokens"
     return {"seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
             "ms_per_output_token": 1000 * elapsed / tokens, "preemptions": llm.engine.stats().num_preemptions}
+
+
+def run_decode(model: str, batches: list[int], args: argparse.Namespace) -> dict[str, object]:
+    """Median decode-step time per batch size (and per dense-ops variant with --compare-layer-ops)."""
+    total = max(batches) * (args.prompt_len + args.steps + 16)
+    llm = LLM(model=model, show_progress=False, max_total_tokens=total, max_running_requests=max(batches),
+              page_size=args.page_size)
+    engine, runner = llm.engine, llm.engine.runner
+    variants = {"default": runner.ops}
+    if args.compare_layer_ops:
+        variants = {"c_kernels": layer_ops.CPU_LAYER_OPS, "torch": layer_ops.TORCH_LAYER_OPS}
+    rng, out = random.Random(args.seed), {}
+    for b in batches:
+        params = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
+        for i in range(b):
+            engine.add_request(f"decode-{b}-{i}", [rng.randrange(10, 40000) for _ in range(args.prompt_len)], params)
+        started: set[str] = set()
+        while len(started) < b:  # prefill (chunked) until every sequence has its first token
+            started.update(d.request_id for d in engine.step() if d.new_token_ids)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.steps // len(variants)):
+            for name, ops in variants.items():  # interleaved: a burst of load hits every variant alike
+                runner.ops = ops
+                t0, c0 = time.perf_counter(), time.process_time()
+                engine.step()
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        runner.ops = variants[next(iter(variants))]
+        engine.abort_all()
+        while engine.has_unfinished():
+            engine.step()
+        out[f"batch_{b}"] = {
+            name: {
+                "ms_per_step": round(1000 * statistics.median(t), 2),
+                "output_tokens_per_s": round(b / statistics.median(t), 1),
+                # CPU time of the process: the work done, less hurt than wall time by other load
+                # (a fair comparison at --threads 1; with more threads it counts OpenMP's spinning)
+                "cpu_ms_per_step": round(1000 * statistics.median(cpu[name]), 2),
+                "steps": len(t),
+            }
+            for name, t in times.items()
+        }
+    return out
 
 
 def run_transformers(model_dir: Path, items: list[Item], batch_size: int) -> dict[str, float]:
@@ -77,9 +132,19 @@ def main() -> None:
                     help="engine KV capacity (smollm2 in float32: 46 KB per token; 32768 is 1.5 GB)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--decode", default=None, help="comma-separated batch sizes: time decode steps alone")
+    ap.add_argument("--prompt-len", type=int, default=250, help="--decode: prompt tokens of each sequence")
+    ap.add_argument("--steps", type=int, default=40, help="--decode: timed steps per batch size")
+    ap.add_argument("--compare-layer-ops", action="store_true", help="--decode: C kernels against torch, interleaved")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decode:
+        batches = [int(b) for b in args.decode.split(",")]
+        result = {"model": args.model, "torch_threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
+                  "decode": run_decode(args.model, batches, args)}
+        print(json.dumps(result, indent=2))
+        return
     model_dir = resolve_model_path(args.model, "float32")  # a GGUF as the engine loads it on the CPU
     from transformers import AutoConfig
 

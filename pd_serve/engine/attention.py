@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pd_serve.intmath import div_ceil
-from pd_serve.kernels import cpu_native, ops
+from pd_serve.kernels import cpu_native, cpu_ops, ops
 from pd_serve.kernels import reference as ref
 
 DECODE_GROUP = 16  # sequences padded together; small groups waste little on padding
@@ -87,6 +87,15 @@ class PagedAttention:
     ) -> None:
         self.k_pools, self.v_pools, self.meta, self.scale = k_pools, v_pools, meta, scale
         self.kernel_backend = kernel_backend
+        if kernel_backend is None and meta.decode_plan is None and meta.num_decode:
+            # cpu_native: one check of the tables for all layers (the pools share one shape)
+            cpu_native.check_tables(meta.decode_page_table, meta.decode_context_lens, k_pools[0])
+        pool = k_pools[0]
+        # cpu_ops.store_kv trusts the slots: checked here once for all layers
+        self.native_store = kernel_backend is None and cpu_ops.supports(pool.device, pool.dtype)
+        slots = meta.slot_mapping
+        if self.native_store and slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= pool.shape[0] * pool.shape[1]):
+            raise ValueError(f"slot_mapping must be in [0, {pool.shape[0] * pool.shape[1]})")
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta
@@ -94,7 +103,10 @@ class PagedAttention:
         if self.kernel_backend is not None:
             with ops.use_backend(self.kernel_backend):
                 return self._forward_kernels(q, k, v, kp, vp)
-        ref.store_kv_ref(kp, vp, k, v, m.slot_mapping)
+        if self.native_store and k.is_contiguous() and v.is_contiguous():
+            cpu_ops.store_kv(kp, vp, k, v, m.slot_mapping)
+        else:
+            ref.store_kv_ref(kp, vp, k, v, m.slot_mapping)
         nd = m.num_decode
         out = torch.empty_like(q)
         if nd:
@@ -154,7 +166,7 @@ class PagedAttention:
         if plan is None:
             m = self.meta
             cpu_native.paged_decode_attention(q.contiguous(), kp, vp, m.decode_page_table, m.decode_context_lens,
-                                              self.scale, out)
+                                              self.scale, out, tables_checked=True)
             return
         k_flat, v_flat = kp.view(kp.shape[0], -1), vp.view(vp.shape[0], -1)
         q_sorted = q.index_select(0, plan.order)

@@ -18,6 +18,7 @@ from pd_serve.engine.kv_cache import KVCache
 from pd_serve.engine.sampler import Sampler, SamplerOutput
 from pd_serve.engine.scheduler import ScheduledChunk, ScheduleOutput
 from pd_serve.kernels import cpu_native
+from pd_serve.kernels.layer_ops import layer_ops
 from pd_serve.model.llama import ForwardBatch, LlamaForCausalLM
 
 
@@ -48,12 +49,14 @@ class ModelRunner:
         )
         self.page_size = kv.page_size
         self.sampler = Sampler(device)
+        self.ops = layer_ops(device, kv.k_pools[0].dtype)  # C kernels for float32 on the CPU
+        self.max_positions = model.max_positions
 
     def run(self, sched: ScheduleOutput) -> RunnerOutput:
         chunks = sorted(sched.chunks, key=lambda c: c.num_tokens != 1)  # decodes first (stable)
         batch, logit_rows, sampled = self._prepare(chunks)
         hidden = self.model(batch)
-        logits = self.model.compute_logits(hidden[logit_rows])
+        logits = self.model.compute_logits(hidden[logit_rows], self.ops)
         result = self.sampler.sample(logits, [c.request for c in sampled])
         return RunnerOutput(sampled, result)
 
@@ -61,7 +64,7 @@ class ModelRunner:
         """Logits at every position of the scheduled chunks (for tests and scoring)."""
         chunks = sorted(sched.chunks, key=lambda c: c.num_tokens != 1)
         batch, _, _ = self._prepare(chunks)
-        return self.model.compute_logits(self.model(batch))
+        return self.model.compute_logits(self.model(batch), self.ops)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[ForwardBatch, torch.Tensor, list[ScheduledChunk]]:
         p = self.page_size
@@ -83,6 +86,8 @@ class ModelRunner:
             if c.samples:
                 logit_rows.append(len(ids) - 1)
                 sampled.append(c)
+        if positions and max(positions) >= self.max_positions:  # the kernels index cos_sin with them
+            raise ValueError(f"position {max(positions)} is past the model's {self.max_positions} positions")
         num_decode = sum(1 for c in chunks if c.num_tokens == 1)
         meta = self._metadata(chunks, num_decode, slots)
         attn = PagedAttention(
@@ -93,6 +98,7 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             attention=attn,
+            ops=self.ops,
         )
         return batch, torch.tensor(logit_rows, dtype=torch.long, device=dev), sampled
 

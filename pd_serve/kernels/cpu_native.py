@@ -4,43 +4,57 @@ Torch has no op that attends through a page table, so the CPU path otherwise cop
 sequence's pages into a contiguous buffer (index_select) before SDPA: the whole KV context crosses
 memory three times per layer per step. This kernel reads K and V in place through the page table,
 once each: for one (sequence, KV head) it scores the query heads that share the head against every
-context token, softmaxes, and accumulates V. Work is split over (sequence, KV head) with OpenMP
+context token, softmaxes (with an inlined exp, so that the loop vectorizes: a quarter less time at
+batch 16 than libm's expf), and accumulates V. Work is split over (sequence, KV head) with OpenMP
 (the library links the libgomp torch has loaded, so the two share one thread pool).
 
-It is a plain shared library with no torch headers, so the build takes about a second:
-`cc -O3 -march=native -fopenmp -shared -fPIC`, once per machine and model shape, into `$PD_SERVE_CACHE/kernels/`
-(default `~/.cache/pd-serve/kernels/`), named by a hash of the source, the flags and the CPU, and
-renamed into place atomically so that concurrent processes can race safely. Without a C compiler,
-or when the build fails, `load()` returns None once with a warning, and the engine keeps its
-grouped-SDPA path. `PD_SERVE_CPU_NATIVE=0` turns the kernel off; the semantics are those of
-`kernels.reference.paged_decode_attention_ref`, float32 only.
+It is built by `cpu_build` once per machine and model shape (head_dim and the query heads per KV
+head are compile-time constants). Without a C compiler, or when the build fails, `load()` returns
+None once with a warning, and the engine keeps its grouped-SDPA path. `PD_SERVE_CPU_NATIVE=0` turns
+the kernel off; the semantics are those of `kernels.reference.paged_decode_attention_ref`, float32
+only. The page table and lengths are checked against the pools on every call unless the caller says
+it checked them (`check_tables`, once per step for all layers).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from pd_serve.kernels import cpu_build
 
-ENV_VAR = "PD_SERVE_CPU_NATIVE"
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99")
+ENV_VAR = cpu_build.ENV_VAR
 
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* e^x for x in [-80, 0] (Cephes' expf: range reduction by ln 2, degree-6 polynomial, about 1 ulp);
+   plain arithmetic, so the softmax loop vectorizes where a call to libm's expf would not */
+static inline float exp_neg(float x) {
+    const float shifted = x * 1.44269504088896341f + 12582912.f;  /* round(x / ln 2) + 1.5 * 2^23 */
+    const float n = shifted - 12582912.f;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    const int32_t e = bits - 0x4B400000 + 127;  /* n + 127: the exponent of 2^n, in [11, 127] here */
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    const int32_t pow2 = e << 23;
+    float scale2;
+    memcpy(&scale2, &pow2, sizeof scale2);
+    return p * scale2;
+}
 
 /* HEAD_DIM and GROUP (query heads per KV head) are compile-time constants: one build per model shape. */
 int paged_decode_f32(const float *q, const float *k_pool, const float *v_pool, const int32_t *page_table,
@@ -80,9 +94,11 @@ int paged_decode_f32(const float *q, const float *k_pool, const float *v_pool, c
             }
             for (int g = 0; g < GROUP; g++) {
                 float *sc = scores + g * len, total = 0.f;
+                const float m = top[g];
+#pragma omp simd reduction(+ : total)
                 for (int64_t t = 0; t < len; t++) {
-                    const float x = sc[t] - top[g];
-                    sc[t] = x < -80.f ? 0.f : expf(x);  /* below e^-80 the weight is 0: no denormals */
+                    const float x = sc[t] - m;
+                    sc[t] = x < -80.f ? 0.f : exp_neg(x);  /* below e^-80 the weight is 0: no denormals */
                     total += sc[t];
                 }
                 sum[g] = total;
@@ -112,53 +128,13 @@ int paged_decode_f32(const float *q, const float *k_pool, const float *v_pool, c
 """
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("PD_SERVE_CACHE", Path.home() / ".cache" / "pd-serve")) / "kernels"
-
-
-def _cpu_id() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str, head_dim: int, group: int) -> Path:
-    flags = (*_FLAGS, f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}")
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine(), _cpu_id()]).encode())
-    target = _cache_dir() / f"paged_decode-d{head_dim}-g{group}-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, lib = Path(tmp) / "paged_decode.c", Path(tmp) / "paged_decode.so"
-        src.write_text(_SOURCE)
-        subprocess.run([compiler, *flags, str(src), "-o", str(lib), "-lm"], check=True, capture_output=True,
-                       timeout=120)
-        os.replace(lib, target)
-    return target
-
-
 @functools.cache
 def load(head_dim: int, group: int) -> ctypes.CDLL | None:
     """The library for this head_dim and query heads per KV head (compile-time constants, so the
     loops unroll and the accumulators stay in registers), or None (disabled, no compiler, or the
     build failed: logged once per shape)."""
-    if os.environ.get(ENV_VAR, "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler found: CPU decode attention uses the slower grouped-SDPA path")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler, head_dim, group)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        log.warning("building the CPU decode-attention kernel failed (%s %s): using the grouped-SDPA path",
-                    exc, detail.decode(errors="replace")[-500:])
+    lib = cpu_build.load(f"paged_decode-d{head_dim}-g{group}", _SOURCE, (f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}"))
+    if lib is None:
         return None
     fn = lib.paged_decode_f32
     fn.restype = ctypes.c_int
@@ -180,10 +156,13 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [b] int32, each >= 1
     scale: float,
     out: torch.Tensor | None = None,  # [b, H, D], written in full
+    tables_checked: bool = False,  # check_tables(page_table, context_lens, k_pool) already passed
 ) -> torch.Tensor:
     b, heads, head_dim = q.shape
     _, page_size, kv_heads, pool_dim = k_pool.shape
     _check(q, k_pool, v_pool, page_table, context_lens, heads, kv_heads, head_dim, pool_dim, b)
+    if not tables_checked:
+        check_tables(page_table, context_lens, k_pool)
     lib = load(head_dim, heads // kv_heads)
     if lib is None:
         raise RuntimeError(f"the CPU decode-attention kernel is not available (see the log; {ENV_VAR})")
@@ -216,8 +195,13 @@ def _check(q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, table: torch.Ten
         raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k_pool {tuple(kp.shape)}, v_pool {tuple(vp.shape)}")
     if table.dim() != 2 or table.shape[0] != b or lens.shape != (b,):
         raise ValueError(f"page_table {tuple(table.shape)} and context_lens {tuple(lens.shape)} need {b} rows")
-    if b:  # the C code trusts these: an id or length out of range would read outside the pools
-        if int(lens.min()) < 1 or int(lens.max()) > table.shape[1] * kp.shape[1]:
-            raise ValueError(f"context_lens must be in [1, {table.shape[1] * kp.shape[1]}] (the page table's width)")
-        if int(table.min()) < 0 or int(table.max()) >= kp.shape[0]:
-            raise ValueError(f"page ids must be in [0, {kp.shape[0]})")
+
+
+def check_tables(table: torch.Tensor, lens: torch.Tensor, pool: torch.Tensor) -> None:
+    """The values the C code trusts: an id or a length out of range would read outside the pools."""
+    if not lens.numel():
+        return
+    if int(lens.min()) < 1 or int(lens.max()) > table.shape[1] * pool.shape[1]:
+        raise ValueError(f"context_lens must be in [1, {table.shape[1] * pool.shape[1]}] (the page table's width)")
+    if int(table.min()) < 0 or int(table.max()) >= pool.shape[0]:
+        raise ValueError(f"page ids must be in [0, {pool.shape[0]})")

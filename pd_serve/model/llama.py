@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from pd_serve.kernels.layer_ops import TORCH_LAYER_OPS, LayerOps
 from pd_serve.kernels.ops import rms_norm, rotary
 from pd_serve.model.config import ModelConfig
 
@@ -30,8 +31,9 @@ class ForwardBatch:
     """Everything one forward pass needs beside the weights; built by the runner per step."""
 
     input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64, each < the model's max_positions (the caller checks)
     attention: AttentionBackend
+    ops: LayerOps = TORCH_LAYER_OPS  # the dense ops' implementation (kernels.layer_ops.layer_ops)
 
 
 class RMSNorm(nn.Module):
@@ -41,9 +43,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, ops: LayerOps | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rms_norm(x, self.weight, self.eps, residual)
+        if ops is None:
+            return rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_cos_sin(config: ModelConfig, max_positions: int, device: str | None = None) -> torch.Tensor:
@@ -86,32 +90,29 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(n, self.num_heads, self.head_dim)
-        k = k.reshape(n, self.num_kv_heads, self.head_dim)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        n, ops = x.shape[0], batch.ops
+        qkv = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)[0]
-            k = self.k_norm(k)[0]
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.reshape(n, self.num_heads, self.head_dim))[0]
+            k = self.k_norm(k.reshape(n, self.num_kv_heads, self.head_dim))[0]
+            v = v.reshape(n, self.num_kv_heads, self.head_dim)
+            rotary(q, k, positions, cos_sin)
         else:
-            q, k = q.contiguous(), k.contiguous()
-        rotary(q, k, positions, cos_sin)
+            q, k, v = ops.qkv_rotary(qkv, self.num_heads, self.num_kv_heads, positions, cos_sin)
         out = batch.attention.forward(self.layer, q, k, v)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return ops.linear(out.reshape(n, self.q_size), self.o_proj.weight, None)
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.intermediate = config.intermediate_size
         # gate and up projections fused; the loader concatenates them.
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
+        return ops.linear(ops.silu_mul(ops.linear(x, self.gate_up_proj.weight, None)), self.down_proj.weight, None)
 
 
 class DecoderLayer(nn.Module):
@@ -130,10 +131,10 @@ class DecoderLayer(nn.Module):
         cos_sin: torch.Tensor,
         batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.input_layernorm(x, residual, batch.ops)
         h = self.self_attn(h, positions, cos_sin, batch)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        h, residual = self.post_attention_layernorm(h, residual, batch.ops)
+        return self.mlp(h, batch.ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -142,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = config
+        self.max_positions = max_positions  # rows of cos_sin: every position must be below it
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -160,9 +162,9 @@ class LlamaForCausalLM(nn.Module):
         residual: torch.Tensor | None = None
         for layer in self.layers:
             x, residual = layer(x, residual, batch.positions, self.cos_sin, batch)
-        return self.norm(x, residual)[0]
+        return self.norm(x, residual, batch.ops)[0]
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, ops: LayerOps = TORCH_LAYER_OPS) -> torch.Tensor:
         """[n, hidden] -> float32 logits [n, vocab]."""
-        return self.lm_head(hidden).float()
+        return ops.linear(hidden, self.lm_head.weight, None).float()
