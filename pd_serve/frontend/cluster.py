@@ -153,12 +153,13 @@ class Cluster:
         self.write_manifest()
 
     def _cpu_shares(self, engines: int) -> list[list[str]]:
-        """Per node, `--cpus LIST`: the CPUs `up` may use cut into one share per engine, so that engines
-        on one host do not take turns on the same cores; nothing when the user chose (`--cpus`, or in
-        a node argument) or when there are fewer CPUs than engines."""
+        """Per node, with `up --split-cpus`: `--cpus LIST`, the CPUs `up` may use cut into one share per
+        engine, so that engines on one host do not take turns on the same cores; nothing without it,
+        when the user chose (`--cpus`, or in a node argument) or when there are fewer CPUs than engines."""
         a = self.args
         extra = [*a.node_arg, *getattr(a, "prefill_arg", []), *getattr(a, "decode_arg", [])]
-        if getattr(a, "cpus", None) is not None or any(x.startswith("--cpus") for x in extra):
+        chosen = getattr(a, "cpus", None) is not None or any(x.startswith("--cpus") for x in extra)
+        if not getattr(a, "split_cpus", False) or chosen:
             return [[] for _ in range(engines)]
         shares = split_cpus(sorted(os.sched_getaffinity(0)), [1] * engines)
         return [["--cpus", s] for s in shares] if shares else [[] for _ in range(engines)]
