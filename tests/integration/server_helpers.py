@@ -60,6 +60,25 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
     raise AssertionError(f"{what}: not within {timeout} s")
 
 
+def server_info(url: str) -> dict[str, Any]:
+    r = httpx.get(f"{url}/server_info", timeout=10.0)
+    r.raise_for_status()
+    info: dict[str, Any] = r.json()
+    return info
+
+
+def assert_node_idle(url: str, timeout: float = 60.0) -> None:
+    """The no-leak check on one node: every idle counter back at its idle value (free pages: all)."""
+
+    def idle() -> bool:
+        counters = server_info(url)["idle"]
+        return counters["pages_free"] == counters["pages_total"] and not any(
+            v for k, v in counters.items() if k not in ("pages_free", "pages_total")
+        )
+
+    wait_until(idle, timeout, f"{url} back to idle: {server_info(url)['idle']}", interval=0.2)
+
+
 def pid_alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     try:

@@ -24,7 +24,7 @@ import openai
 import pytest
 from frontend_helpers import greedy_chat
 from pd_cluster import RoleProcess
-from server_helpers import NodeProcess, wait_until
+from server_helpers import NodeProcess, assert_node_idle, server_info
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
@@ -106,23 +106,6 @@ def nodes() -> Iterator[dict[str, GrpcNode]]:
             node.process.stop()
 
 
-def _info(url: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/server_info", timeout=10.0)
-    r.raise_for_status()
-    info: dict[str, Any] = r.json()
-    return info
-
-
-def _assert_idle(url: str, timeout: float = 60.0) -> None:
-    def idle() -> bool:
-        counters = _info(url)["idle"]
-        return counters["pages_free"] == counters["pages_total"] and not any(
-            v for k, v in counters.items() if k not in ("pages_free", "pages_total")
-        )
-
-    wait_until(idle, timeout, f"{url} back to idle: {_info(url)['idle']}", interval=0.2)
-
-
 def _reference(url: str, prompt: str) -> str:
     return greedy_chat(openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=CALL_S), prompt, False,
                        MAX_TOKENS)
@@ -130,7 +113,7 @@ def _reference(url: str, prompt: str) -> str:
 
 def test_smg_grpc_colocated_equals_the_nodes_http_answer(nodes: dict[str, GrpcNode]) -> None:
     node = nodes["colocated"]
-    router = Smg(["--worker-urls", f"grpc://{node.target}"], _info(node.url)["model_dir"], 1)
+    router = Smg(["--worker-urls", f"grpc://{node.target}"], server_info(node.url)["model_dir"], 1)
     try:
         worker = httpx.get(f"{router.url}/workers", timeout=10.0).json()["workers"][0]
         assert worker["connection_mode"] == "grpc" and worker["model_id"] == "demo"
@@ -145,7 +128,7 @@ def test_smg_grpc_colocated_equals_the_nodes_http_answer(nodes: dict[str, GrpcNo
         assert got.json()["choices"][0]["text"] == ref
     finally:
         router.stop()
-    _assert_idle(node.url)
+    assert_node_idle(node.url)
 
 
 def test_smg_grpc_pd_mode_equals_colocated(nodes: dict[str, GrpcNode]) -> None:
@@ -153,18 +136,18 @@ def test_smg_grpc_pd_mode_equals_colocated(nodes: dict[str, GrpcNode]) -> None:
     bootstrap_port = prefill.url.rsplit(":", 1)[1]  # no --bootstrap-port: the prefill node's HTTP port
     args = ["--pd-disaggregation", "--prefill", f"grpc://{prefill.target}", bootstrap_port,
             "--decode", f"grpc://{decode.target}"]
-    router = Smg(args, _info(decode.url)["model_dir"], 2)
+    router = Smg(args, server_info(decode.url)["model_dir"], 2)
     try:
-        received = _info(decode.url)["stats"]["kv_pages_received"]
+        received = server_info(decode.url)["stats"]["kv_pages_received"]
         for prompt in PROMPTS:
             reference = _reference(nodes["colocated"].url, prompt)
             assert greedy_chat(router.openai(), prompt, False, MAX_TOKENS) == reference
             assert greedy_chat(router.openai(), prompt, True, MAX_TOKENS) == reference
-        assert _info(decode.url)["stats"]["kv_pages_received"] > received  # disaggregated: the KV moved
+        assert server_info(decode.url)["stats"]["kv_pages_received"] > received  # disaggregated: the KV moved
     finally:
         router.stop()
-    _assert_idle(decode.url)
-    _assert_idle(prefill.url)
+    assert_node_idle(decode.url)
+    assert_node_idle(prefill.url)
 
 
 def _params(max_new_tokens: int) -> Any:
@@ -216,13 +199,13 @@ def test_cancelling_or_aborting_a_stream_frees_its_pages(nodes: dict[str, GrpcNo
         call = stub.Generate(_generate("cancelled", list(range(1, 40)), 2000), timeout=CALL_S, metadata=_auth())
         first = next(call)
         assert first.WhichOneof("response") == "chunk" and first.chunk.token_ids
-        assert _info(node.url)["idle"]["engine_requests"] == 1
+        assert server_info(node.url)["idle"]["engine_requests"] == 1
         call.cancel()
-        _assert_idle(node.url)
+        assert_node_idle(node.url)
         call = stub.Generate(_generate("aborted", list(range(1, 40)), 2000), timeout=CALL_S, metadata=_auth())
         next(call)
         answer = stub.Abort(pb.AbortRequest(request_id="aborted"), timeout=CALL_S, metadata=_auth())
         assert answer.success, answer.message
         last = list(call)[-1]
         assert last.complete.finish_reason == "abort" and last.complete.completion_tokens < 2000
-    _assert_idle(node.url)
+    assert_node_idle(node.url)

@@ -25,7 +25,7 @@ import openai
 import pytest
 from frontend_helpers import greedy_chat
 from pd_cluster import RoleProcess
-from server_helpers import NodeProcess, sse_events, wait_until
+from server_helpers import NodeProcess, assert_node_idle, server_info, sse_events, wait_until
 
 from pd_serve.bootstrap.process import ChildProcess, free_port
 
@@ -107,25 +107,6 @@ def smg(nodes: dict[str, Any]) -> Iterator[Smg]:
     router.stop()
 
 
-def _info(url: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/server_info", timeout=10.0)
-    r.raise_for_status()
-    info: dict[str, Any] = r.json()
-    return info
-
-
-def _assert_idle(url: str, timeout: float = 60.0) -> None:
-    """The no-leak check: every idle counter back at its idle value (free pages: all of them)."""
-
-    def idle() -> bool:
-        counters = _info(url)["idle"]
-        return counters["pages_free"] == counters["pages_total"] and not any(
-            v for k, v in counters.items() if k not in ("pages_free", "pages_total")
-        )
-
-    wait_until(idle, timeout, f"{url} back to idle: {_info(url)['idle']}", interval=0.2)
-
-
 def _generate(url: str, text: str, stream: bool = False, headers: dict[str, str] | None = None) -> httpx.Response:
     body = {"text": text, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True},
             "stream": stream}
@@ -145,11 +126,11 @@ def test_smg_reads_our_worker_info(smg: Smg, nodes: dict[str, Any]) -> None:
 def test_chat_through_smg_equals_colocated(prompt: str, smg: Smg, nodes: dict[str, Any]) -> None:
     reference = greedy_chat(openai.OpenAI(base_url=f"{nodes['colocated'].url}/v1", api_key="x"), prompt, False,
                             MAX_TOKENS)
-    received = _info(nodes["decode"].url)["stats"]["kv_pages_received"]
+    received = server_info(nodes["decode"].url)["stats"]["kv_pages_received"]
     client = smg.openai()
     assert greedy_chat(client, prompt, False, MAX_TOKENS) == reference
     assert greedy_chat(client, prompt, True, MAX_TOKENS) == reference
-    assert _info(nodes["decode"].url)["stats"]["kv_pages_received"] > received  # disaggregated: KV moved
+    assert server_info(nodes["decode"].url)["stats"]["kv_pages_received"] > received  # disaggregated: KV moved
 
 
 def test_generate_and_batched_completions_through_smg(smg: Smg, nodes: dict[str, Any]) -> None:
@@ -167,8 +148,8 @@ def test_generate_and_batched_completions_through_smg(smg: Smg, nodes: dict[str,
     got = httpx.post(f"{smg.url}/v1/completions", json=body, headers=_auth(), timeout=120.0)
     assert got.status_code == 200, got.text
     assert [c["text"] for c in got.json()["choices"]] == [c["text"] for c in ref["choices"]]
-    _assert_idle(nodes["decode"].url)
-    _assert_idle(nodes["p1"].url)
+    assert_node_idle(nodes["decode"].url)
+    assert_node_idle(nodes["p1"].url)
 
 
 def test_sglang_fields_need_the_cluster_token_and_take_the_largest_room(nodes: dict[str, Any]) -> None:
@@ -199,12 +180,12 @@ def test_flush_cache_through_smg_empties_every_prefix_cache(smg: Smg, nodes: dic
     assert greedy_chat(smg.openai(), LONG, False, MAX_TOKENS)
     workers = (nodes["p1"].url, nodes["decode"].url)
     for url in workers:
-        _assert_idle(url)
-    assert _info(nodes["p1"].url)["pages"]["cached"] > 0
+        assert_node_idle(url)
+    assert server_info(nodes["p1"].url)["pages"]["cached"] > 0
     r = httpx.post(f"{smg.url}/flush_cache", headers=_auth(), timeout=30.0)
     assert r.status_code == 200 and r.json()["workers_flushed"] == 2, r.text
     for url in workers:
-        assert _info(url)["pages"]["cached"] == 0
+        assert server_info(url)["pages"]["cached"] == 0
 
 
 def test_kill_9_of_a_prefill_node_smg_retries_and_nothing_leaks(nodes: dict[str, Any]) -> None:
@@ -218,7 +199,7 @@ def test_kill_9_of_a_prefill_node_smg_retries_and_nothing_leaks(nodes: dict[str,
         answers: list[str] = []
         in_flight = threading.Thread(target=lambda: answers.append(greedy_chat(client, LONG, False, 64)))
         in_flight.start()
-        wait_until(lambda: not in_flight.is_alive() or _info(d.url)["idle"]["engine_requests"] > 0, 60.0,
+        wait_until(lambda: not in_flight.is_alive() or server_info(d.url)["idle"]["engine_requests"] > 0, 60.0,
                    "the request reaches the decode node")
         p2.stop(graceful=False)  # SIGKILL to its whole process group: supervisor, worker, engine
         in_flight.join(180.0)
@@ -227,7 +208,7 @@ def test_kill_9_of_a_prefill_node_smg_retries_and_nothing_leaks(nodes: dict[str,
                                 MAX_TOKENS)
         for _ in range(4):  # every other one is first sent to the dead node
             assert greedy_chat(client, SHORT, False, MAX_TOKENS) == reference
-        _assert_idle(d.url)
-        _assert_idle(p1.url)
+        assert_node_idle(d.url)
+        assert_node_idle(p1.url)
     finally:
         router.stop()
