@@ -87,10 +87,12 @@ def test_refresh_keeps_registration_and_etag(http: httpx.Client) -> None:
 def test_heartbeat_extends_ttl_and_updates_load(http: httpx.Client) -> None:
     record = put(http, "d0", role="decode").json()
     assert http.get("/v1/nodes").json()["nodes"][0]["load"]["running"] == 0
-    beat = http.post("/v1/nodes/d0/heartbeat", json={"load": {"running": 5, "waiting": 2, "free_pages": 7}})
+    beat = http.post("/v1/nodes/d0/heartbeat", json={"load": {"running": 5, "waiting": 2, "free_pages": 7, "queued": 3}})
     assert beat.status_code == 200
     assert beat.json()["expires_at"] > record["expires_at"]
-    assert beat.json()["load"] == {"running": 5, "waiting": 2, "free_pages": 7}
+    assert beat.json()["load"] == {"running": 5, "waiting": 2, "free_pages": 7, "queued": 3}
+    older = http.post("/v1/nodes/d0/heartbeat", json={"load": {"running": 5, "waiting": 2, "free_pages": 7}})
+    assert older.json()["load"]["queued"] == 0  # a node from before `queued` still heartbeats
     assert http.post("/v1/nodes/d0/heartbeat").status_code == 200
     assert http.get("/v1/nodes/d0").json()["load"]["running"] == 5
     assert http.get("/v1/nodes").json()["nodes"][0]["load"]["running"] == 5  # no stale parsed copy
