@@ -14,6 +14,7 @@ gives it one of its own (`cluster_env`) so that a frontend a test starts beside 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -99,16 +100,14 @@ class UpProcess:
             return ""
 
     def child_pid(self, name: str) -> int:
-        """The pid of the child `up` started as `name` (`prefill-0`, `frontend`...), from the process tree."""
-        role, _, index = name.rpartition("-")
-        for pid in descendants(self.popen.pid):
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                if parent_pid(pid) != self.popen.pid:
-                    continue
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if role.encode() in argv and (not index or f"{role}-{index}".encode() in argv):
-                    return pid
-        raise AssertionError(f"no child {name} under pd-serve up ({self.popen.pid})")
+        """The pid of the child `up` started as `name` (`prefill-0`, `frontend`...), from the
+        cluster.json `up` writes in its log directory (not from argv: Granian renames its processes
+        when setproctitle is installed, as smg's dependencies install it)."""
+        data = json.loads((Path(self.log_dir) / "cluster.json").read_text())
+        for child in data["children"]:
+            if child["name"] == name and parent_pid(int(child["pid"])) == self.popen.pid:
+                return int(child["pid"])
+        raise AssertionError(f"no child {name} under pd-serve up ({self.popen.pid}): {data['children']}")
 
     def kill(self) -> None:
         for pid in descendants(self.popen.pid):
