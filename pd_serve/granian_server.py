@@ -20,7 +20,13 @@ def granian_server(
 ) -> Any:
     """The Granian server every service runs: one ASGI worker, HTTP/1.1 and HTTP/2 on one port (h2c
     on plain TCP, ALPN h2 with TLS), no access log; `log_dictconfig` is Granian's logging config (its
-    own default: plain lines on stdout). Granian is imported here, not at module scope."""
+    own default: plain lines on stdout). Granian is imported here, not at module scope.
+
+    Where `setproctitle` is installed (smg depends on it), Granian retitles its processes
+    "granian asgi ADDR TARGET"; we keep the command line the user typed instead (the worker gets
+    " worker-1" after it), so `ps` and `pgrep -f "pd-serve decode"` still find the node."""
+    import importlib.util
+    import sys
     from pathlib import Path
 
     from granian import Granian
@@ -39,4 +45,5 @@ def granian_server(
         log_level=LogLevels(log_level),
         log_access=False,
         log_dictconfig=log_dictconfig,
+        process_name=" ".join(sys.orig_argv) if importlib.util.find_spec("setproctitle") else None,
     )

@@ -101,8 +101,8 @@ class UpProcess:
 
     def child_pid(self, name: str) -> int:
         """The pid of the child `up` started as `name` (`prefill-0`, `frontend`...), from the
-        cluster.json `up` writes in its log directory (not from argv: Granian renames its processes
-        when setproctitle is installed, as smg's dependencies install it)."""
+        cluster.json `up` writes in its log directory (exact, where matching argv would also match
+        the " worker-1" process Granian starts under each node)."""
         data = json.loads((Path(self.log_dir) / "cluster.json").read_text())
         for child in data["children"]:
             if child["name"] == name and parent_pid(int(child["pid"])) == self.popen.pid:

@@ -15,11 +15,13 @@ SIGTERM of `up`: nothing of its tree may be left, the killed child included.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -291,6 +293,17 @@ class Traffic:
         for f in self.futures:
             f.result(timeout=300)
         self.pool.shutdown()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("setproctitle") is None, reason="Granian retitles only with it")
+def test_processes_keep_their_command_line(cluster: Cluster) -> None:
+    """With setproctitle installed (smg depends on it) Granian would retitle every process "granian
+    asgi ADDR TARGET"; ours keep the command line that started them, so ps and pgrep find each role."""
+    pid = cluster.up.child_pid("prefill-0")
+    titles = [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+              for p in [pid, *descendants(pid)]]
+    assert not any(t.startswith("granian") for t in titles), titles
+    assert any("prefill" in t and t.endswith("worker-1") for t in titles), titles
 
 
 def test_kill_prefill_while_requests_arrive(cluster: Cluster, client: openai.OpenAI) -> None:
